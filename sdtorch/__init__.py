@@ -1,0 +1,1 @@
+"""sdtorch: Stable Diffusion from scratch in PyTorch."""

@@ -1,0 +1,105 @@
+"""Model sizes as plain dataclasses.
+
+SD 1.x, SD 2.x and the project's own small models are configurations of the same classes, never copies.
+Field names follow the original LDM/CompVis configs (`model_channels`, `channel_mult`, `attention_resolutions`, ...)
+so a reader can hold them next to `v1-inference.yaml`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """CLIP text transformer (Radford et al. 2021). Defaults: OpenAI ViT-L/14's text tower, used by SD 1.x."""
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    hidden_act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu" (OpenCLIP, SD 2.x)
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL (Rombach et al. 2022, sec. 3). Defaults: SD 1.x/2.x's f=8, 4-channel autoencoder."""
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # one entry per resolution level; len-1 stride-2 downsamples
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+    norm_groups: int = 32
+    scale_factor: float = 0.18215  # latents are multiplied by this so they have ~unit variance (SD paper, sec. 4.3.2)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The denoising UNet (Ho et al. 2020; Rombach et al. 2022). Defaults: SD 1.x."""
+    in_channels: int = 4  # 9 for inpainting models: latent + mask + masked-image latent
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors ("ds") that get a spatial transformer
+    num_heads: int = 8  # used when num_head_channels == -1 (SD 1.x: 8 heads whatever the width)
+    num_head_channels: int = -1  # SD 2.x: 64 channels per head, heads = width / 64
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False  # SD 2.x: proj_in/proj_out are Linear instead of 1x1 conv
+    norm_groups: int = 32
+
+    def heads_and_dim(self, channels: int) -> tuple[int, int]:
+        """(number of heads, channels per head) of the transformer at a level of this width."""
+        if self.num_head_channels == -1:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.num_head_channels, self.num_head_channels
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build one Stable Diffusion model and run its diffusion process."""
+    family: str = "sd1"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    clip: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+    clip_pad_token_id: int | None = None  # None: pad with <|endoftext|> as SD 1.x does
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        def build(klass, values):
+            values = dict(values)
+            for f in dataclasses.fields(klass):
+                if isinstance(values.get(f.name), list):
+                    values[f.name] = tuple(values[f.name])
+            known = {f.name for f in dataclasses.fields(klass)}
+            unknown = set(values) - known
+            if unknown:
+                raise ValueError(f"unknown {klass.__name__} fields: {sorted(unknown)}")
+            return klass(**values)
+
+        d = dict(d)
+        parts = {"unet": UNetConfig, "vae": VAEConfig, "clip": CLIPTextConfig}
+        for name, klass in parts.items():
+            if name in d:
+                d[name] = build(klass, d[name])
+        return build(cls, d)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+SD1 = ModelConfig()
+SD2_UNET = UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
