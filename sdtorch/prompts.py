@@ -1,0 +1,184 @@
+"""Prompts as A1111's web UI reads them: (emphasis:1.2), [de-emphasis], BREAK, and prompts longer than 75 tokens.
+
+CLIP sees at most 77 tokens. A1111 splits a long prompt into 75-token chunks, frames each as BOS + 75 + EOS, encodes
+the chunks separately and concatenates them along the sequence axis; cross-attention in the UNet does not care how
+long the context is. Emphasis scales each token's output vector, then rescales the chunk to keep its mean.
+The text encoder and tokenizer are used only through their interfaces:
+    text_encoder(input_ids (B, 77), clip_skip=1) -> (B, 77, D)
+    tokenizer.encode(text) -> list[int] (no BOS/EOS); bos_token_id, eos_token_id, pad_token_id, model_max_length
+"""
+import re
+from dataclasses import dataclass
+
+import torch
+
+ROUND_BRACKET_MULTIPLIER = 1.1
+SQUARE_BRACKET_MULTIPLIER = 1 / 1.1
+
+# One match per syntactic unit, tried in this order.
+_ATTENTION_TOKEN = re.compile(r"""
+    \\(?P<escaped>[()\[\]\\])?                      # \( \) \[ \] \\ are literals; a lone backslash is dropped
+  | (?P<open>[(\[])
+  | :(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+))\)       # ':1.3)' closes a round bracket with an explicit weight
+  | (?P<close>[)\]])
+  | [^\\()\[\]:]+                                   # plain text
+  | :                                               # a colon that is not part of a weight
+""", re.X)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def parse_prompt_attention(text: str) -> list[list]:
+    """Split a prompt into [text, weight] runs with A1111's emphasis grammar (modules/prompt_parser.py).
+
+    (a) multiplies by 1.1, [a] divides by 1.1, (a:w) multiplies by w; brackets nest multiplicatively and unclosed
+    ones apply to the end of the prompt. BREAK yields the marker ["BREAK", -1.0]. Adjacent runs of equal weight are
+    merged. Results equal A1111's float for float, because ranges are multiplied in the same order.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"prompt must be a str, got {type(text).__name__}")
+    runs = []
+    open_round, open_square = [], []  # indices into runs where each still-open bracket began
+
+    def scale_from(start, factor):
+        for run in runs[start:]:
+            run[1] *= factor
+
+    for match in _ATTENTION_TOKEN.finditer(text):
+        token = match.group(0)
+        if token.startswith("\\"):
+            # A1111 appends the (possibly empty) literal as its own run; the empty run can survive merging.
+            runs.append([match.group("escaped") or "", 1.0])
+        elif match.group("open") == "(":
+            open_round.append(len(runs))
+        elif match.group("open") == "[":
+            open_square.append(len(runs))
+        elif match.group("weight") is not None and open_round:
+            scale_from(open_round.pop(), float(match.group("weight")))
+        elif token == ")" and open_round:
+            scale_from(open_round.pop(), ROUND_BRACKET_MULTIPLIER)
+        elif token == "]" and open_square:
+            scale_from(open_square.pop(), SQUARE_BRACKET_MULTIPLIER)
+        else:  # plain text, or a bracket/weight with nothing open to close
+            for i, part in enumerate(_BREAK.split(token)):
+                if i > 0:
+                    runs.append(["BREAK", -1.0])  # a marker: -1 is never a real weight
+                runs.append([part, 1.0])
+
+    # Unclosed brackets reach to the end of the prompt: all round ones first, then square, as A1111 does.
+    # (A BREAK inside brackets gets scaled too and then reads as the word "BREAK"; A1111 does the same.)
+    for start in open_round:
+        scale_from(start, ROUND_BRACKET_MULTIPLIER)
+    for start in open_square:
+        scale_from(start, SQUARE_BRACKET_MULTIPLIER)
+
+    if not runs:
+        return [["", 1.0]]
+    merged = [runs[0]]
+    for run in runs[1:]:
+        if run[1] == merged[-1][1]:
+            merged[-1][0] += run[0]
+        else:
+            merged.append(run)
+    return merged
+
+
+@dataclass
+class PromptChunk:
+    """One CLIP window: BOS, up to 75 prompt tokens, EOS, padding (77 ids), and one emphasis multiplier per id."""
+    tokens: list[int]
+    multipliers: list[float]
+
+
+def _frame_chunk(tokenizer, tokens, weights):
+    """BOS + tokens + EOS + padding to model_max_length; BOS, EOS and padding carry multiplier 1.0.
+
+    A1111 pads with EOS, then overwrites everything after the first EOS with the pad id; the result is the same.
+    """
+    padding = tokenizer.model_max_length - 2 - len(tokens)
+    return PromptChunk(
+        tokens=[tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding,
+        multipliers=[1.0, *weights, 1.0] + [1.0] * padding,
+    )
+
+
+def tokenize_prompt(tokenizer, prompt: str, comma_padding_backtrack: int = 20) -> list[PromptChunk]:
+    """Split a prompt into 75-token chunks as A1111 does (modules/sd_hijack_clip.py, tokenize_line).
+
+    A chunk that fills up while a comma lies within its last `comma_padding_backtrack` tokens is cut just after
+    that comma, so the phrase being written moves whole into the next chunk. BREAK starts a new chunk.
+    An empty prompt gives one chunk of padding.
+    """
+    if comma_padding_backtrack < 0:
+        raise ValueError(f"comma_padding_backtrack must be >= 0, got {comma_padding_backtrack}")
+    chunk_length = tokenizer.model_max_length - 2  # room left after BOS and EOS: 75 for CLIP
+    comma = tokenizer.encode(",")[0]
+    chunks = []
+    tokens, weights = [], []  # the chunk being filled, without BOS/EOS
+    last_comma = -1  # position of the last comma in the chunk being filled
+
+    def close_chunk():
+        nonlocal tokens, weights, last_comma
+        chunks.append(_frame_chunk(tokenizer, tokens, weights))
+        tokens, weights, last_comma = [], [], -1
+
+    for text, weight in parse_prompt_attention(prompt):
+        if text == "BREAK" and weight == -1:
+            close_chunk()
+            continue
+        for token in tokenizer.encode(text):
+            if token == comma:
+                last_comma = len(tokens)
+            elif (comma_padding_backtrack and len(tokens) == chunk_length and last_comma != -1
+                  and len(tokens) - last_comma <= comma_padding_backtrack):
+                # The chunk is full mid-phrase: end it after the comma and carry the phrase over whole.
+                cut = last_comma + 1
+                carried_tokens, carried_weights = tokens[cut:], weights[cut:]
+                tokens, weights = tokens[:cut], weights[:cut]
+                close_chunk()
+                tokens, weights = carried_tokens, carried_weights
+            if len(tokens) == chunk_length:
+                close_chunk()
+            tokens.append(token)
+            weights.append(weight)
+    if tokens or not chunks:
+        close_chunk()
+    return chunks
+
+
+def _encode_chunks(text_encoder, chunks, clip_skip):
+    """Encode chunks as one batch and apply A1111's "Original" emphasis to each: (k, 77, D)."""
+    if not isinstance(clip_skip, int) or clip_skip < 1:
+        raise ValueError(f"clip_skip must be an int >= 1 (1 = last layer), got {clip_skip!r}")
+    device = next(text_encoder.parameters()).device
+    ids = torch.tensor([chunk.tokens for chunk in chunks], dtype=torch.long, device=device)  # (k, 77)
+    z = text_encoder(ids, clip_skip=clip_skip)  # (k, 77) -> (k, 77, D)
+    multipliers = torch.tensor([chunk.multipliers for chunk in chunks], dtype=z.dtype, device=z.device)  # (k, 77)
+    # Scaling token vectors shifts the chunk's overall mean, which shows up as artifacts; A1111 scales the whole
+    # chunk back to its original mean. Each chunk is normalised on its own, as A1111 encodes them one at a time.
+    original_mean = z.mean(dim=(1, 2), keepdim=True)
+    z = z * multipliers[..., None]
+    return z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
+
+
+def encode_prompt(text_encoder, tokenizer, prompt: str, clip_skip: int = 1, min_chunks: int = 1) -> torch.Tensor:
+    """Encode a prompt with A1111's chunking and emphasis: (1, 77·k, D), k = max(chunks needed, min_chunks)."""
+    if min_chunks < 1:
+        raise ValueError(f"min_chunks must be >= 1, got {min_chunks}")
+    chunks = tokenize_prompt(tokenizer, prompt)
+    chunks += tokenize_prompt(tokenizer, "") * (min_chunks - len(chunks))
+    z = _encode_chunks(text_encoder, chunks, clip_skip)
+    return z.reshape(1, -1, z.shape[-1])  # (k, 77, D) -> (1, 77·k, D)
+
+
+def encode_prompt_pair(text_encoder, tokenizer, prompt: str, negative_prompt: str = "",
+                       clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode (prompt, negative prompt) for classifier-free guidance: two (1, 77·k, D) tensors of equal length.
+
+    The shorter one is padded with chunks of the empty prompt, as A1111 does, so both can share a batch.
+    """
+    cond, uncond = tokenize_prompt(tokenizer, prompt), tokenize_prompt(tokenizer, negative_prompt)
+    k = max(len(cond), len(uncond))
+    empty = tokenize_prompt(tokenizer, "")
+    cond, uncond = cond + empty * (k - len(cond)), uncond + empty * (k - len(uncond))
+    z = _encode_chunks(text_encoder, cond + uncond, clip_skip)  # (2k, 77, D), one encoder call for both
+    return z[:k].reshape(1, -1, z.shape[-1]), z[k:].reshape(1, -1, z.shape[-1])  # 2 × (1, 77·k, D)
