@@ -1,0 +1,1 @@
+"""Training: data sets (the procedural shapes data), the engine and the objectives."""
