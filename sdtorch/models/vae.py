@@ -101,14 +101,21 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1)  # mean and log-variance
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.downsample(x))
+
+    def downsample(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-resolution part, before the (global) mid-block attention: what tiled encoding splits into tiles."""
         h = self.conv_in(x)
         for stage in self.down:
             for block in stage.block:
                 h = block(h)
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)  # (B, C, H, W) -> (B, C, H/2, W/2)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Latent resolution: mid block with attention over all positions, then the Gaussian's moments."""
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
@@ -135,7 +142,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        return self.upsample(self.mid(self.conv_in(z)))
+
+    def upsample(self, h: torch.Tensor) -> torch.Tensor:
+        """The full-resolution part, after the (global) mid-block attention: what tiled decoding splits into tiles."""
         for stage in reversed(self.up):
             for block in stage.block:
                 h = block(h)
