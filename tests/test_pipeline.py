@@ -1,0 +1,190 @@
+"""txt2img / img2img / inpaint: equal to diffusers' pipelines on the same weights, noise and prompt; seeds; batches."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, tiny_models
+from reference import diffusers_unet, diffusers_vae, transformers_clip
+from sdtorch.pipeline import GenerationInterrupted, Pipeline, Settings, seed_noise
+from sdtorch.tokenizer import CLIPTokenizer
+
+PROMPT, NEGATIVE = "a red circle on a blue background", "blurry"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, name="tiny", model_hash="0123456789", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def diffusers_parts(pipe, tmp_path_factory):
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    state = pipe.models.state_dict()
+    folder = tmp_path_factory.mktemp("tok")
+    pipe.tokenizer.save_pretrained_files(folder)
+    return dict(unet=diffusers_unet(state, TINY), vae=diffusers_vae(state, TINY),
+                text_encoder=transformers_clip(state, TINY),
+                tokenizer=HFTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77))
+
+
+def diffusers_scheduler(name):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    sd15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                steps_offset=1)
+    if name == "DDIM":  # SD 1.x's scheduler config, as A1111's DDIM
+        return DDIMScheduler(**sd15, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
+    # A1111's Euler with the "normal" schedule walks t = linspace(999, 0): diffusers' "linspace" spacing
+    return EulerDiscreteScheduler(**sd15, timestep_spacing="linspace")
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "Euler"])
+@torch.no_grad()
+def test_txt2img_equals_diffusers(pipe, diffusers_parts, sampler):
+    from diffusers import StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline(**diffusers_parts, scheduler=diffusers_scheduler(sampler), safety_checker=None,
+                                  feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    s = Settings(PROMPT, NEGATIVE, steps=8, cfg=7.5, sampler=sampler, seed=42, width=64, height=48, batch=2)
+    ours = pipe.run(s)
+    latents = seed_noise(42, 2, (4, 6, 8))  # the noise of seeds 42 and 43, as our pipeline draws it
+    theirs = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=7.5, height=48, width=64,
+                 latents=latents, num_images_per_prompt=2, output_type="pt").images  # (B, 3, H, W) in [0, 1]
+    assert ours.shape == (2, 3, 48, 64)
+    assert (to_unit(ours) - theirs).abs().max() < 1e-3
+
+
+@torch.no_grad()
+def test_img2img_equals_diffusers(pipe, diffusers_parts):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    ref = StableDiffusionImg2ImgPipeline(**diffusers_parts, scheduler=diffusers_scheduler("Euler"),
+                                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    s = Settings(PROMPT, NEGATIVE, steps=10, cfg=5.0, sampler="Euler", seed=7, width=64, height=48, strength=0.6)
+    ours = pipe.run(s, init_image=init)
+    # diffusers takes our (deterministic, posterior-mean) init latents directly and draws the same seed's noise
+    from sdtorch.images import pil_to_tensor
+    init_latents = pipe.encode_image(pil_to_tensor(init))
+    theirs = ref(PROMPT, image=init_latents, strength=0.6, negative_prompt=NEGATIVE, num_inference_steps=10,
+                 guidance_scale=5.0, generator=torch.Generator().manual_seed(7), output_type="pt").images
+    assert (to_unit(ours) - theirs).abs().max() < 1e-3
+
+
+@torch.no_grad()
+def test_batch_image_k_equals_single_image_with_seed_plus_k(pipe):
+    s = dict(steps=3, cfg=3.0, sampler="Euler a", width=32, height=32)
+    batch = pipe.run(Settings(PROMPT, seed=100, batch=3, **s))
+    single = pipe.run(Settings(PROMPT, seed=102, batch=1, **s))
+    assert torch.allclose(batch[2:3], single, atol=1e-5)  # batched matmuls may round differently
+
+
+@torch.no_grad()
+def test_same_seed_same_settings_is_bit_identical(pipe):
+    s = Settings(PROMPT, NEGATIVE, steps=4, sampler="DPM++ 2M SDE", seed=5, width=32, height=32)
+    a, b = pipe.txt2img(PROMPT, NEGATIVE, steps=4, sampler="DPM++ 2M SDE", seed=5, width=32, height=32), \
+        pipe.txt2img(PROMPT, NEGATIVE, steps=4, sampler="DPM++ 2M SDE", seed=5, width=32, height=32)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    assert torch.equal(pipe.run(s), pipe.run(Settings(**{**s.__dict__})))
+
+
+def test_random_seed_is_reported_in_the_metadata(pipe):
+    image = pipe.txt2img(PROMPT, steps=1, seed=-1, width=32, height=32)[0]
+    params = image.info["parameters"]
+    seed = int(params.split("Seed: ")[1].split(",")[0])
+    assert 0 <= seed < 2 ** 32
+    again = pipe.txt2img(PROMPT, steps=1, seed=seed, width=32, height=32)[0]
+    assert np.array_equal(np.asarray(image), np.asarray(again))
+
+
+def test_metadata_is_a1111_parameters(pipe):
+    image = pipe.txt2img(PROMPT, NEGATIVE, steps=2, cfg=7, sampler="DPM++ 2M Karras", seed=3, width=32,
+                         height=40, clip_skip=2)[0]
+    assert image.info["parameters"] == (f"{PROMPT}\nNegative prompt: {NEGATIVE}\nSteps: 2, Sampler: DPM++ 2M, "
+                                        "Schedule type: Karras, CFG scale: 7, Seed: 3, Size: 32x40, "
+                                        "Model hash: 0123456789, Model: tiny, Clip skip: 2")
+    assert image.size == (32, 40)
+
+
+def test_inpaint_keeps_the_unmasked_part(pipe):
+    rng = np.random.default_rng(1)
+    init = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # repaint the left half
+    out = np.asarray(pipe.inpaint(PROMPT, init, mask, steps=3, seed=1, mask_blur=0)[0]).astype(int)
+    original = np.asarray(init).astype(int)
+    assert np.array_equal(out[:, 32:], original[:, 32:])  # outside the mask: the original pixels, exactly
+    assert np.abs(out[:, :32] - original[:, :32]).mean() > 20  # inside: repainted
+    blurred = np.asarray(pipe.inpaint(PROMPT, init, mask, steps=3, seed=1, mask_blur=4)[0]).astype(int)
+    assert np.array_equal(blurred[:, 48:], original[:, 48:])  # the blur reaches ~3σ past the mask edge, no further
+    assert not np.array_equal(blurred[:, 32:36], original[:, 32:36])
+
+
+def test_9_channel_inpainting_model_gets_the_masked_image(tmp_path):
+    cfg = TINY.replace(unet=TINY.unet.__class__(**{**TINY.unet.__dict__, "in_channels": 9}))
+    pipe9 = Pipeline(tiny_models(cfg), CLIPTokenizer.default(), cfg, device="cpu")
+    seen = []
+    original = pipe9.unet.forward
+    pipe9.unet.forward = lambda x, t, c: (seen.append(x.shape), original(x, t, c))[1]
+    init, mask = Image.new("RGB", (32, 32), (200, 0, 0)), Image.new("L", (32, 32), 255)
+    out = pipe9.inpaint(PROMPT, init, mask, steps=2, seed=0)
+    assert out[0].size == (32, 32) and seen and all(shape[1] == 9 for shape in seen)
+
+
+def test_interrupt_stops_after_the_current_step(pipe):
+    steps = []
+
+    def callback(step, total, latents, sigma):
+        steps.append(step)
+        if step == 2:
+            pipe.interrupt()
+
+    with pytest.raises(GenerationInterrupted):
+        pipe.txt2img(PROMPT, steps=6, seed=0, width=32, height=32, callback=callback)
+    assert steps == [1, 2]
+    assert len(pipe.txt2img(PROMPT, steps=1, seed=0, width=32, height=32)) == 1  # the flag is reset
+
+
+@pytest.mark.parametrize("bad, match", [(dict(width=30), "multiple of 8"), (dict(height=0), "multiple of 8"),
+                                        (dict(steps=0), "steps"), (dict(sampler="Eular"), "did you mean 'Euler'")])
+def test_bad_settings_raise_value_errors(pipe, bad, match):
+    with pytest.raises(ValueError, match=match):
+        pipe.txt2img(PROMPT, **{**dict(steps=1, width=32, height=32), **bad})
+
+
+def test_strength_outside_unit_range_is_an_error(pipe):
+    with pytest.raises(ValueError, match="strength"):
+        pipe.img2img(PROMPT, Image.new("RGB", (32, 32)), strength=1.5, steps=1)
+
+
+def to_unit(pixels):
+    """[-1, 1] -> [0, 1], clamped: the image diffusers returns with output_type="pt"."""
+    return ((pixels + 1) / 2).clamp(0, 1)
+
+
+def pipe_to_pil(pixels):
+    from sdtorch.images import tensor_to_pil
+    return tensor_to_pil(pixels)[0]
+
+
+@torch.no_grad()
+def test_long_prompt_is_encoded_in_75_token_chunks(pipe):
+    words = "red green blue yellow purple orange white black circle square triangle".split()
+    prompt = " ".join(words[i % len(words)] for i in range(100))  # 100 tokens, no commas, no emphasis
+    tok = pipe.tokenizer
+    ids = tok.encode(prompt)
+    assert len(ids) == 100
+    # A1111's rule, written out: chunks of 75 tokens, each BOS + 75 (padded) + EOS, encoded separately, concatenated
+    chunks = [ids[:75], ids[75:]]
+    rows = [[tok.bos_token_id] + c + [tok.pad_token_id] * (75 - len(c)) + [tok.eos_token_id] for c in chunks]
+    expected = torch.cat([pipe.text_encoder(torch.tensor([r])) for r in rows], dim=1)  # (1, 154, D)
+    cond, uncond = pipe.encode_prompts(prompt, "", clip_skip=1)
+    assert cond.shape == uncond.shape == (1, 154, TINY.clip.hidden_size)  # negative padded to two chunks
+    assert torch.allclose(cond, expected, atol=1e-6)
+    empty = torch.tensor([[tok.bos_token_id, tok.eos_token_id] + [tok.pad_token_id] * 75])
+    assert torch.allclose(uncond, pipe.text_encoder(empty).repeat(1, 2, 1), atol=1e-6)
