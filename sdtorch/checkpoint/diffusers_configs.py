@@ -1,0 +1,127 @@
+"""Our config dataclasses <-> the JSON configs of a diffusers folder (unet/, vae/, text_encoder/, scheduler/)."""
+from ..config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+from .errors import CheckpointError, UnsupportedModelError
+
+# The diffusers config format we write; every diffusers release since 0.14 (the attention renames) reads it.
+DIFFUSERS_FORMAT_VERSION = "0.30.0"
+
+
+def unet_from_diffusers(d: dict, where: str) -> UNetConfig:
+    """UNet2DConditionModel's config.json -> UNetConfig, refusing the features SD 1.x has not got."""
+    for feature in ("addition_embed_type", "class_embed_type", "encoder_hid_dim", "time_cond_proj_dim"):
+        if d.get(feature) is not None:
+            raise UnsupportedModelError(f"{where}: not supported yet: a UNet with {feature}={d[feature]!r}")
+    widths = list(d.get("block_out_channels", (320, 640, 1280, 1280)))
+    mc = widths[0]
+    if any(w % mc for w in widths):
+        raise CheckpointError(f"{where}: block_out_channels {widths} are not multiples of the first")
+    if not isinstance(d.get("layers_per_block", 2), int):
+        raise UnsupportedModelError(f"{where}: not supported yet: a different layers_per_block per level")
+    down = d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
+    # diffusers' SD configs put the number of HEADS in `attention_head_dim` (a misnomer it keeps for compatibility);
+    # `num_attention_heads`, when set, is the same thing under its right name
+    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(widths)
+    if len(set(heads)) == 1:
+        num_heads, num_head_channels = heads[0], -1  # SD 1.x: 8 heads at every width
+    else:
+        per_head = {w // h for w, h in zip(widths, heads)}
+        if len(per_head) != 1:
+            raise UnsupportedModelError(f"{where}: not supported yet: heads {heads} for widths {widths}")
+        num_heads, num_head_channels = 8, per_head.pop()  # SD 2.x: 64 channels per head
+    depth = d.get("transformer_layers_per_block", 1)
+    if isinstance(depth, (list, tuple)):
+        if len(set(depth)) != 1:
+            raise UnsupportedModelError(f"{where}: not supported yet: transformer depths {depth} per level")
+        depth = depth[0]
+    return UNetConfig(
+        in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=mc,
+        channel_mult=tuple(w // mc for w in widths), num_res_blocks=d.get("layers_per_block", 2),
+        attention_resolutions=tuple(2 ** i for i, kind in reversed(list(enumerate(down)))
+                                    if kind.startswith("CrossAttn")),
+        num_heads=num_heads, num_head_channels=num_head_channels, transformer_depth=depth,
+        context_dim=d.get("cross_attention_dim", 1280), use_linear_in_transformer=d.get("use_linear_projection", False),
+        norm_groups=d.get("norm_num_groups", 32))
+
+
+def unet_to_diffusers(u: UNetConfig) -> dict:
+    widths = [u.model_channels * m for m in u.channel_mult]
+    levels = len(widths)
+    heads = [u.heads_and_dim(w)[0] for w in widths]
+    return {
+        "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+        "act_fn": "silu", "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,
+        "block_out_channels": widths, "center_input_sample": False, "cross_attention_dim": u.context_dim,
+        "down_block_types": ["CrossAttnDownBlock2D" if 2 ** i in u.attention_resolutions else "DownBlock2D"
+                             for i in range(levels)],
+        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,  # our timestep embedding: cos first
+        "in_channels": u.in_channels, "layers_per_block": u.num_res_blocks, "mid_block_scale_factor": 1,
+        "norm_eps": 1e-5, "norm_num_groups": u.norm_groups, "out_channels": u.out_channels, "sample_size": 64,
+        "transformer_layers_per_block": u.transformer_depth,
+        "up_block_types": ["CrossAttnUpBlock2D" if 2 ** (levels - 1 - i) in u.attention_resolutions else "UpBlock2D"
+                           for i in range(levels)],
+        "use_linear_projection": u.use_linear_in_transformer,
+    }
+
+
+def vae_from_diffusers(d: dict, where: str) -> VAEConfig:
+    """AutoencoderKL's config.json -> VAEConfig."""
+    if not d.get("use_quant_conv", True) or not d.get("use_post_quant_conv", True) \
+            or not d.get("mid_block_add_attention", True):
+        raise UnsupportedModelError(f"{where}: not supported yet: an autoencoder without quant convs or mid attention")
+    widths = list(d.get("block_out_channels", (64,)))
+    ch = widths[0]
+    latent = d.get("latent_channels", 4)
+    return VAEConfig(in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3), ch=ch,
+                     ch_mult=tuple(w // ch for w in widths), num_res_blocks=d.get("layers_per_block", 1),
+                     z_channels=latent, embed_dim=latent, norm_groups=d.get("norm_num_groups", 32),
+                     scale_factor=d.get("scaling_factor", 0.18215))
+
+
+def vae_to_diffusers(v: VAEConfig) -> dict:
+    if v.z_channels != v.embed_dim:
+        raise ValueError(f"diffusers' AutoencoderKL has one latent_channels; this VAE has z_channels={v.z_channels} "
+                         f"and embed_dim={v.embed_dim}")
+    return {
+        "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_FORMAT_VERSION, "act_fn": "silu",
+        "block_out_channels": [v.ch * m for m in v.ch_mult],
+        "down_block_types": ["DownEncoderBlock2D"] * len(v.ch_mult),
+        "up_block_types": ["UpDecoderBlock2D"] * len(v.ch_mult), "in_channels": v.in_channels,
+        "out_channels": v.out_channels, "latent_channels": v.z_channels, "layers_per_block": v.num_res_blocks,
+        "norm_num_groups": v.norm_groups, "sample_size": 512, "scaling_factor": v.scale_factor,
+    }
+
+
+CLIP_FIELDS = ("vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "hidden_act", "layer_norm_eps")
+
+
+def clip_from_transformers(d: dict) -> CLIPTextConfig:
+    """transformers' CLIPTextConfig JSON -> ours (fields missing from the JSON take transformers' defaults,
+    which are OpenAI's ViT-L/14 text tower but for the width)."""
+    defaults = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8}
+    return CLIPTextConfig(**{f: d.get(f, defaults.get(f, getattr(CLIPTextConfig, f))) for f in CLIP_FIELDS})
+
+
+def clip_to_transformers(c: CLIPTextConfig, bos_token_id: int, eos_token_id: int, pad_token_id: int) -> dict:
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "dtype": "float32",
+            **{f: getattr(c, f) for f in CLIP_FIELDS}, "attention_dropout": 0.0, "dropout": 0.0,
+            "initializer_factor": 1.0, "initializer_range": 0.02, "projection_dim": 768,
+            "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+
+
+def scheduler_config(prediction_type: str) -> dict:
+    """SD 1.x's training schedule (Rombach et al. 2022, v1-inference.yaml) as the PNDM config its releases ship."""
+    return {"_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+            "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
+            "trained_betas": None, "prediction_type": prediction_type}
+
+
+def model_index(cfg: ModelConfig) -> dict:
+    pipeline = "StableDiffusionInpaintPipeline" if cfg.unet.in_channels == 9 else "StableDiffusionPipeline"
+    return {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+            "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+            "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]}

@@ -1,0 +1,243 @@
+"""Load an SD 1.x checkpoint (single file or diffusers folder) into `StableDiffusionModels`.
+
+The models are built on the meta device, without their random init, then every parameter is assigned the file's
+tensor, cast on the way: no weight is initialised, and (from safetensors) none is held in memory twice.
+"""
+import json
+import re
+import threading
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import chain
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, VAEConfig
+from ..models.stable_diffusion import PREFIXES, StableDiffusionModels
+from ..tokenizer import CLIPTokenizer
+from .diffusers_folder import WEIGHT_NAMES, part_from_diffusers, read_diffusers_folder, read_part_weights
+from .diffusers_keys import vae_rules
+from .errors import CheckpointError, KeyMismatchError, ShapeMismatchError, UnsupportedModelError, name_some
+from .formats import TensorRef, detect_format, read_tensor_file, sha256_of_file
+from .infer import FAMILY_NAMES, describe_keys, detect_family, infer_sd1_config
+
+# Tensors real checkpoints carry that are no model weight: LDM's diffusion-schedule buffers, EMA bookkeeping, and
+# CLIP's constant position ids (0..76), which our CLIP computes instead of storing.
+IGNORED_KEYS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights", "logvar",
+    "model_ema.decay", "model_ema.num_updates", "cond_stage_model.transformer.text_model.embeddings.position_ids"})
+EMA_PREFIX = "model_ema."
+# Checkpoints saved with old transformers store CLIP without its `text_model.` level
+_CLIP_WITHOUT_TEXT_MODEL = re.compile(r"^cond_stage_model\.transformer\.(?!text_model\.)")
+# Some converted checkpoints store the VAE's attention projections as Linear (C, C) instead of 1x1 convs (C, C, 1, 1)
+_VAE_ATTENTION_WEIGHT = re.compile(r"first_stage_model\.(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
+_PARAMETERIZATION = re.compile(r"^\s*parameterization:\s*[\"']?(\w+)", re.MULTILINE)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass
+class LoadedCheckpoint:
+    models: StableDiffusionModels  # eval mode, requires_grad False
+    config: ModelConfig
+    tokenizer: CLIPTokenizer
+    name: str
+    path: Path
+    source_format: str  # what detect_format said
+    metadata: dict[str, str] = field(default_factory=dict)  # the safetensors header's, kept by save_checkpoint
+
+    @cached_property
+    def sha256_short(self) -> str | None:
+        """A1111's "Model hash": the first 10 hex digits of the file's SHA-256 (None for a folder). Computed on first
+        use, since hashing 4 GB takes seconds."""
+        return None if self.path.is_dir() else sha256_of_file(self.path)[:10]
+
+
+def load_checkpoint(path: str | Path, *, vae: str | Path | None = None, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None, ema: bool = False, prediction_type: str | None = None,
+                    config: ModelConfig | None = None) -> LoadedCheckpoint:
+    """An SD 1.x checkpoint (.safetensors, .ckpt, or a diffusers folder), optionally with another VAE (`vae`: a file in
+    either key layout, or a diffusers vae/ folder). dtype None means float32; `ema` picks a full checkpoint's EMA
+    UNet; `prediction_type` ("epsilon" | "v_prediction") overrides the sidecar .yaml and the file's own; `config`
+    overrides the one the file carries or its shapes imply."""
+    check_dtype(dtype)
+    return _load_checkpoint(path, vae=vae, device=device, dtype=dtype or torch.float32, ema=ema,
+                            prediction_type=prediction_type, config=config)
+
+
+def check_dtype(dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating torch.dtype such as torch.float16, got {dtype!r}")
+
+
+def _load_checkpoint(path, *, vae, device, dtype: torch.dtype | None, ema: bool, prediction_type: str | None,
+                     config: ModelConfig | None) -> LoadedCheckpoint:
+    """load_checkpoint, where dtype None keeps every tensor's stored dtype (what `convert` needs)."""
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if config is not None and not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+    path, device = Path(path), torch.device(device or "cpu")
+    fmt = detect_format(path)
+    with ExitStack() as files:
+        metadata, tokenizer = {}, None
+        if fmt == "diffusers-folder":
+            folder = read_diffusers_folder(path, files, prefer_fp16=dtype == torch.float16)
+            tensors, found, tokenizer = folder.tensors, folder.config, folder.tokenizer
+        else:
+            tensors, metadata = read_tensor_file(path, fmt, files)
+            tensors = {_CLIP_WITHOUT_TEXT_MODEL.sub("cond_stage_model.transformer.text_model.", k, count=1): ref
+                       for k, ref in tensors.items()}
+            _check_family(tensors, path)
+            found = config or _single_file_config(tensors, metadata, path)
+        cfg = config or found
+        cfg = cfg.replace(prediction_type=prediction_type or _sidecar_prediction_type(path) or cfg.prediction_type)
+        where = str(path)
+        if vae is not None:
+            vae_tensors = read_vae(Path(vae), cfg.vae, files)
+            tensors = {k: ref for k, ref in tensors.items() if not k.startswith(PREFIXES["vae"])} | vae_tensors
+            where += f" with VAE {vae}"
+        models = build_on_meta(cfg)
+        expected = {k: tuple(t.shape) for k, t in models.state_dict().items()}
+        tensors = _select_unet_weights(tensors, expected, ema, where)
+        tensors = _check_keys_and_shapes(tensors, expected, where)
+        state = {k: ref.load(dtype, device) for k, ref in tensors.items()}  # tensor by tensor, cast while reading
+    models.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in chain(models.named_parameters(), models.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{where}: no weights for {name_some(left)} (left on the meta device)")
+    models.requires_grad_(False).eval()
+    tokenizer = tokenizer or CLIPTokenizer.default(pad_token_id=cfg.clip_pad_token_id)
+    name = path.name if path.is_dir() else path.stem
+    return LoadedCheckpoint(models, cfg, tokenizer, name, path, fmt, metadata)
+
+
+_NOT_A_MODEL = {"vae": "is a standalone VAE, not a whole model: pass it as vae= beside a checkpoint",
+                "diffusers": "has diffusers-layout keys: load the whole diffusers folder (with model_index.json)",
+                "lora": "is a LoRA, not a whole model", "embedding": "is a textual-inversion embedding, not a model"}
+
+
+def _check_family(tensors: dict[str, TensorRef], path: Path) -> None:
+    family = detect_family(tensors)
+    if family in _NOT_A_MODEL:
+        raise UnsupportedModelError(f"{path} {_NOT_A_MODEL[family]}")
+    if family != "sd1":
+        found = f" (found {describe_keys(tensors)})" if family == "unknown" else ""
+        raise UnsupportedModelError(f"{path}: not supported yet: {FAMILY_NAMES[family]}{found}")
+
+
+def _single_file_config(tensors: dict[str, TensorRef], metadata: dict[str, str], path: Path) -> ModelConfig:
+    """The config our own files carry in their header, else the SD 1.x sizes the tensors' shapes imply."""
+    if "sdtorch.config" in metadata:
+        try:
+            return ModelConfig.from_dict(json.loads(metadata["sdtorch.config"]))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: unreadable sdtorch.config metadata ({e})") from None
+    cfg = infer_sd1_config({k: ref.shape for k, ref in tensors.items()}, str(path))
+    return cfg.replace(prediction_type="v_prediction") if metadata.get("modelspec.prediction_type") == "v" else cfg
+
+
+def _sidecar_prediction_type(path: Path) -> str | None:
+    """A1111's convention: `model.yaml` beside `model.safetensors` with `parameterization: "v"` marks a v-model.
+    Only that line matters, so a regex reads it (no YAML parser)."""
+    yaml = path.with_suffix(".yaml")
+    if path.is_dir() or not yaml.is_file():
+        return None
+    found = _PARAMETERIZATION.search(yaml.read_text(encoding="utf-8", errors="replace"))
+    if found is None:
+        return None
+    if found[1] not in ("v", "eps"):
+        raise CheckpointError(f"{yaml}: unknown parameterization {found[1]!r} (expected \"v\" or \"eps\")")
+    return "v_prediction" if found[1] == "v" else "epsilon"
+
+
+def read_vae(path: Path, cfg: VAEConfig, files: ExitStack) -> dict[str, TensorRef]:
+    """A standalone VAE under the checkpoint's `first_stage_model.` keys: an original-layout file (prefixed or not,
+    even a whole checkpoint), a diffusers-layout file, or a diffusers vae/ folder (or a pipeline folder holding one)."""
+    if (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    if path.is_dir() and (path / "config.json").is_file():
+        return part_from_diffusers("vae", read_part_weights(path, WEIGHT_NAMES["vae"], files, False), vae_rules(cfg),
+                                   str(path))
+    tensors, _ = read_tensor_file(path, detect_format(path), files)
+    if any(k.startswith(PREFIXES["vae"]) for k in tensors):
+        tensors = {k[len(PREFIXES["vae"]):]: ref for k, ref in tensors.items() if k.startswith(PREFIXES["vae"])}
+    # LDM's autoencoder checkpoints also hold their training loss (LPIPS, discriminator) and EMA bookkeeping
+    tensors = {k: ref for k, ref in tensors.items() if not k.startswith(("loss.", EMA_PREFIX))}
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in tensors):
+        return part_from_diffusers("vae", tensors, vae_rules(cfg), str(path))
+    return {PREFIXES["vae"] + k: ref for k, ref in tensors.items()}
+
+
+_INIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _no_weight_init():
+    """Skip the layers' random init while models are built: every parameter is replaced by the file's tensor anyway.
+    (Building on the meta device alone still runs each init, on meta tensors.)"""
+    layers = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
+    with _INIT_LOCK:
+        own = {cls: cls.__dict__.get("reset_parameters") for cls in layers}
+        for cls in layers:
+            cls.reset_parameters = lambda self: None
+        try:
+            yield
+        finally:
+            for cls, method in own.items():
+                if method is None:
+                    del cls.reset_parameters  # it was inherited (Conv2d's comes from _ConvNd)
+                else:
+                    cls.reset_parameters = method
+
+
+def build_on_meta(cfg: ModelConfig) -> StableDiffusionModels:
+    """The models' structure with no storage behind it: instant, whatever the size."""
+    with _no_weight_init(), torch.device("meta"):
+        return StableDiffusionModels(cfg)
+
+
+def _ema_key(unet_key: str) -> str:
+    # LDM's LitEma stores each UNet weight under its name without dots (buffers cannot have dots in their names):
+    # model.diffusion_model.input_blocks.0.0.weight -> model_ema.diffusion_modelinput_blocks00weight
+    return EMA_PREFIX + unet_key.removeprefix("model.").replace(".", "")
+
+
+def _select_unet_weights(tensors: dict[str, TensorRef], expected: dict, ema: bool, where: str) -> dict[str, TensorRef]:
+    """The regular UNet weights, or with `ema` the EMA copies full checkpoints keep beside them; EMA keys then go."""
+    if ema:
+        if not any(k.startswith(EMA_PREFIX) and k not in IGNORED_KEYS for k in tensors):
+            raise CheckpointError(f"{where}: has no EMA weights (model_ema.*): load it without ema=True")
+        unet = [k for k in expected if k.startswith(PREFIXES["unet"])]
+        missing = [_ema_key(k) for k in unet if _ema_key(k) not in tensors]
+        if missing:
+            raise KeyMismatchError(f"{where}: EMA weights missing: {name_some(missing)}")
+        tensors = tensors | {k: tensors[_ema_key(k)] for k in unet}
+    return {k: ref for k, ref in tensors.items() if not k.startswith(EMA_PREFIX)}
+
+
+def _check_keys_and_shapes(tensors: dict[str, TensorRef], expected: dict[str, tuple[int, ...]],
+                           where: str) -> dict[str, TensorRef]:
+    """Every model key present once with its shape, or a KeyMismatchError / ShapeMismatchError naming them."""
+    tensors = {k: ref for k, ref in tensors.items() if k not in IGNORED_KEYS}
+    missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+    if missing or unexpected:
+        problems = ([f"{len(missing)} missing: {name_some(missing)}"] if missing else []) + \
+                   ([f"{len(unexpected)} unexpected: {name_some(unexpected)}"] if unexpected else [])
+        raise KeyMismatchError(f"{where}: keys do not match the model: " + "; ".join(problems))
+    wrong = []
+    for key, ref in tensors.items():
+        want = expected[key]
+        if ref.shape != want:
+            if _VAE_ATTENTION_WEIGHT.fullmatch(key) and ref.shape + (1, 1) == want:
+                tensors[key] = ref.reshaped(want)
+            else:
+                wrong.append(f"{key}: file {ref.shape}, model {want}")
+    if wrong:
+        raise ShapeMismatchError(f"{where}: {len(wrong)} tensors differ in shape from the model's: "
+                                 + "; ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
+    return tensors
