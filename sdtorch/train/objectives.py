@@ -1,0 +1,307 @@
+"""The three training objectives, each an `nn.Module` the engine can wrap in DistributedDataParallel.
+
+Each takes a batch from `data.Collate` (image (B, 3, H, W) in [-1, 1], caption, seed (B,), ids (B, L)) and returns
+(loss to backpropagate, metrics to log). All their randomness (noise, timesteps, posterior samples) is drawn from the
+batch's per-sample seeds, so a resumed or sharded run draws exactly what the uninterrupted single-process run draws.
+Each also has `evaluate(batches)` (held-out metrics), `preview(batch)` (image rows for a PNG grid, or None) and
+`export(path)` (the final model as a native single-file checkpoint).
+"""
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..checkpoint import save_checkpoint
+from ..config import CLIPTextConfig, ModelConfig, VAEConfig
+from ..diffusion.guidance import CFGDenoiser
+from ..diffusion.samplers import get_sampler, get_sigmas
+from ..diffusion.schedule import DiscreteSchedule
+from ..models import AutoencoderKL, CLIPTextModel, StableDiffusionModels
+from ..models.stable_diffusion import PREFIXES
+from .engine import atomic_file
+from .image_encoder import CLIPVisionConfig, CLIPVisionTransformer
+
+CONFIG_KEY = "sdtorch.config"  # the safetensors header entry holding the ModelConfig as JSON
+
+
+def save_parts(path: str | Path, config: ModelConfig, parts: dict[str, nn.Module]) -> None:
+    """Write `parts` ("unet", "vae", "text_encoder") under the original checkpoint's key prefixes, with `config` in
+    the header, as one .safetensors file (written atomically)."""
+    from safetensors.torch import save
+
+    tensors = {PREFIXES[name] + key: value.detach().cpu().contiguous()
+               for name, module in parts.items() for key, value in module.state_dict().items()}
+    with atomic_file(path) as f:
+        f.write(save(tensors, metadata={CONFIG_KEY: json.dumps(config.to_dict())}))
+
+
+def load_parts(path: str | Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
+    """(config, {part: state dict}) of a native .safetensors checkpoint; a file without our header entry is read as
+    SD 1.x (a community checkpoint to fine-tune)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such model file: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        header = (f.metadata() or {}).get(CONFIG_KEY)
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    config = ModelConfig.from_dict(json.loads(header)) if header else ModelConfig()
+    parts = {name: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+             for name, prefix in PREFIXES.items()}
+    return config, {name: state for name, state in parts.items() if state}
+
+
+def seeded_generators(seeds: torch.Tensor) -> list[torch.Generator]:
+    """One CPU generator per sample: its draws depend on that sample's seed alone, not on the batch around it."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds.tolist()]
+
+
+def seeded_randn(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(B, *shape) standard normal noise, row b from generators[b], drawn on the CPU (the same on every device)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along the batch whose backward sums the gradient every rank computed for this rank's rows, so a
+    loss over the gathered batch has the gradient it would have if one process held the whole batch."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, world = _world()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.world = rank, world
+        return torch.cat(parts)  # (b, D) -> (world·b, D)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every row; all_reduce works on any backend
+        return grad.chunk(ctx.world)[ctx.rank]
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image, in dB, of images in [-1, 1] (peak 1 after mapping to [0, 1])."""
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
+    return -10 * torch.log10(mse.clamp(min=1e-10))
+
+
+# ---- CLIP ------------------------------------------------------------------------------------------------------------
+
+class CLIPObjective(nn.Module):
+    """Contrastive language-image pre-training (Radford et al. 2021, Figure 3): symmetric InfoNCE over the batch's
+    image-text similarity matrix with a learned temperature. Attribute names follow transformers' `CLIPModel`."""
+
+    def __init__(self, text: CLIPTextConfig, vision: CLIPVisionConfig, projection_dim: int = 128):
+        super().__init__()
+        self.text_model = CLIPTextModel(text)
+        self.vision_model = CLIPVisionTransformer(vision)
+        self.visual_projection = nn.Linear(vision.hidden_size, projection_dim, bias=False)
+        self.text_projection = nn.Linear(text.hidden_size, projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature, 0.07
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, P) unit vectors: the final-LN hidden state at the EOS token, projected. EOS has the
+        highest id in CLIP's vocabulary, so argmax finds it (the first one, when padding is EOS too), as CLIP does.
+        (The UNet later reads the whole (B, L, D) sequence, not this one vector.)"""
+        hidden = self.text_model(ids)  # (B, L, D)
+        pooled = hidden[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]  # (B, D)
+        return F.normalize(self.text_projection(pooled), dim=-1)
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.visual_projection(self.vision_model(images)), dim=-1)  # (B, 3, S, S) -> (B, P)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        images, texts = self.embed_images(batch["image"]), self.embed_text(batch["ids"])
+        if _world()[1] > 1:
+            # the negatives are the whole global batch, as in CLIP (and as one process would see it)
+            images, texts = _GatherWithGrad.apply(images), _GatherWithGrad.apply(texts)
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()  # CLIP clips the logit scale at 100
+        logits = scale * images @ texts.T  # (N, N): image i against text j
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return loss, {"loss": loss.detach(), "temperature": 1 / scale.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict]) -> dict:
+        """Text->image top-1 retrieval over the held-out set: a hit when the best image's caption is the query's
+        (images with identical captions cannot be told apart by the text). `chance` is a random guess's rate."""
+        images, texts, captions = [], [], []
+        for batch in batches:
+            images.append(self.embed_images(batch["image"]))
+            texts.append(self.embed_text(batch["ids"]))
+            captions += batch["caption"]
+        best = (torch.cat(texts) @ torch.cat(images).T).argmax(dim=1).tolist()  # (N texts, N images) -> (N,)
+        hits = sum(captions[j] == captions[i] for i, j in enumerate(best))
+        chance = sum(captions.count(c) for c in captions) / len(captions) ** 2
+        return {"retrieval_top1": hits / len(captions), "chance": chance}
+
+    def preview(self, batch: dict) -> None:
+        return None
+
+    def export(self, path) -> None:
+        """The text encoder alone, as SD loads it (the image tower and projections only serve training)."""
+        save_parts(path, ModelConfig(clip=self.text_model.config), {"text_encoder": self.text_model})
+
+
+# ---- VAE -------------------------------------------------------------------------------------------------------------
+
+class VAEObjective(nn.Module):
+    """Reconstruction + β·KL (Kingma & Welling 2014; Rombach et al. 2022, sec. 3 without the GAN and LPIPS terms)."""
+
+    def __init__(self, cfg: VAEConfig, reconstruction: str = "l1", kl_weight: float = 1e-6):
+        super().__init__()
+        if reconstruction not in ("l1", "mse"):
+            raise ValueError(f"reconstruction loss must be 'l1' or 'mse', got {reconstruction!r}")
+        if kl_weight < 0:
+            raise ValueError(f"kl_weight must be non-negative, got {kl_weight}")
+        self.vae = AutoencoderKL(cfg)
+        self.reconstruction, self.kl_weight = reconstruction, kl_weight
+        self.scale_factor = cfg.scale_factor  # replaced by 1/std of the held-out latents at each evaluation
+
+    def _latents(self, images: torch.Tensor, seeds: torch.Tensor):
+        posterior = self.vae.encode(images)
+        eps = seeded_randn(seeded_generators(seeds), tuple(posterior.mean.shape[1:]), images.device)
+        return posterior, posterior.mean + posterior.std * eps.to(posterior.mean.dtype)  # z ~ q(z|x), reparameterized
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        images = batch["image"]
+        posterior, z = self._latents(images, batch["seed"])
+        recon = self.vae.decode(z).float()
+        rec = (recon - images).abs().mean() if self.reconstruction == "l1" else (recon - images).pow(2).mean()
+        # LDM sums the reconstruction over pixels and the KL over latent entries, with weight 1e-6; we average the
+        # reconstruction per pixel value, so dividing the summed KL by the same count keeps its ratio for that weight.
+        kl = posterior.kl().float().mean() / images[0].numel()
+        loss = rec + self.kl_weight * kl
+        return loss, {"loss": loss.detach(), "reconstruction": rec.detach(), "kl": kl.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict]) -> dict:
+        """PSNR of held-out reconstructions (from the posterior mean), and the latent scale factor: 1/std of sampled
+        latents, the rule behind SD's 0.18215 (Rombach et al. 2022, sec. 4.3.2), so the UNet sees ~unit variance."""
+        psnr, latents = [], []
+        for batch in batches:
+            posterior, z = self._latents(batch["image"], batch["seed"])
+            psnr.append(_psnr(self.vae.decode(posterior.mean).float(), batch["image"]))
+            latents.append(z.float().flatten())
+        std = torch.cat(latents).std().item()
+        self.scale_factor = 1.0 / std
+        return {"psnr": torch.cat(psnr).mean().item(), "latent_std": std, "scale_factor": self.scale_factor}
+
+    @torch.no_grad()
+    def preview(self, batch: dict, count: int = 8) -> list[torch.Tensor]:
+        """Rows: held-out images, their reconstructions."""
+        images = batch["image"][:count]
+        return [images, self.vae.decode(self.vae.encode(images).mean).float()]
+
+    def export(self, path) -> None:
+        cfg = dataclasses.replace(self.vae.config, scale_factor=self.scale_factor)
+        save_parts(path, ModelConfig(vae=cfg), {"vae": self.vae})
+
+
+# ---- UNet ------------------------------------------------------------------------------------------------------------
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023, eq. 9): min(SNR, γ) on the x0-loss, written for an ε- or v-loss.
+    ε: min(SNR, γ)/SNR, v: min(SNR, γ)/(SNR + 1); at SNR = 0 (zero-terminal-SNR schedules) the ε weight is 1."""
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+def use_gradient_checkpointing(blocks: Iterable[nn.Module]) -> None:
+    """Recompute each block's activations during backward instead of keeping them (Chen et al. 2016): less memory
+    for ~30% more compute. Patches the instances' forward, so parameter names (and checkpoint keys) don't change."""
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+class UNetObjective(nn.Module):
+    """Denoising loss on VAE latents (Ho et al. 2020, Algorithm 1; v-prediction: Salimans & Ho 2022), conditioned on
+    a frozen CLIP text encoder, with a uniformly random timestep per sample and optional min-SNR-γ weighting."""
+
+    def __init__(self, models: StableDiffusionModels, empty_ids: torch.Tensor, min_snr_gamma: float | None = None,
+                 zero_terminal_snr: bool = False):
+        super().__init__()
+        cfg = models.config
+        if cfg.unet.in_channels != cfg.vae.embed_dim or cfg.unet.context_dim != cfg.clip.hidden_size:
+            raise ValueError(f"the UNet (in_channels {cfg.unet.in_channels}, context_dim {cfg.unet.context_dim}) does "
+                             f"not fit the VAE (embed_dim {cfg.vae.embed_dim}) and CLIP (width {cfg.clip.hidden_size})")
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
+        self.models = models
+        models.vae.requires_grad_(False)
+        models.text_encoder.requires_grad_(False)
+        self.schedule = DiscreteSchedule.scaled_linear(zero_terminal_snr=zero_terminal_snr)
+        self.prediction_type, self.min_snr_gamma = cfg.prediction_type, min_snr_gamma
+        self.empty_ids = empty_ids  # (1, L) ids of "", the unconditional prompt for guided previews (not a weight)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        images, device = batch["image"], batch["image"].device
+        generators = seeded_generators(batch["seed"])
+        t = torch.cat([torch.randint(self.schedule.num_train_timesteps, (1,), generator=g) for g in generators])
+        with torch.no_grad():  # the VAE and the text encoder are frozen
+            posterior = self.models.vae.encode(images)
+            shape = tuple(posterior.mean.shape[1:])
+            z = posterior.mean + posterior.std * seeded_randn(generators, shape, device).to(posterior.mean.dtype)
+            x0 = z.float() * self.models.config.vae.scale_factor  # (B, 4, h, w) latents of ~unit variance
+            noise = seeded_randn(generators, shape, device)
+            t = t.to(device)
+            x_t = self.schedule.add_noise(x0, noise, t)
+            target = self.schedule.training_target(x0, noise, t, self.prediction_type)
+            context = self.models.text_encoder(batch["ids"])  # (B, L, D): the whole sequence, as at inference
+        per_sample = (self.models.unet(x_t, t, context).float() - target).pow(2).flatten(1).mean(1)  # (B,)
+        if self.min_snr_gamma is not None:
+            alpha_bar = self.schedule.alphas_cumprod.to(device)[t]
+            per_sample = per_sample * min_snr_weight(alpha_bar / (1 - alpha_bar), self.min_snr_gamma,
+                                                     self.prediction_type)
+        loss = per_sample.mean()
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict]) -> dict:
+        """The loss on held-out images; their seeds are fixed, so the noise and timesteps are the same every time."""
+        total, count = 0.0, 0
+        for batch in batches:
+            total += self(batch)[0].item() * len(batch["seed"])
+            count += len(batch["seed"])
+        return {"loss": total / count}
+
+    @torch.no_grad()
+    def preview(self, batch: dict, count: int = 8, steps: int = 20, sampler: str = "DPM++ 2M",
+                cfg_scale: float = 5.0) -> list[torch.Tensor]:
+        """Rows: held-out images, then samples for their captions with seeds 0..count-1 (guided by `cfg_scale`)."""
+        ids = batch["ids"][:count]
+        n, device = ids.shape[0], ids.device
+        cond = self.models.text_encoder(ids)
+        uncond = self.models.text_encoder(self.empty_ids.to(device).expand(n, -1))
+        info = get_sampler(sampler)
+        sigmas = get_sigmas(self.schedule, steps, info.default_schedule).to(device)
+        latent_side = batch["image"].shape[-1] // self.models.config.vae.downsample_factor
+        shape = (self.models.config.unet.out_channels, latent_side, latent_side)
+        x = seeded_randn(seeded_generators(torch.arange(n)), shape, device) * sigmas[0]
+        denoiser = CFGDenoiser(self.models.unet, self.schedule, self.prediction_type)
+        latents = info.fn(denoiser, x, sigmas, extra_args={"cond": cond, "uncond": uncond, "cfg_scale": cfg_scale},
+                          disable=True, generator=torch.Generator().manual_seed(0))
+        images = self.models.vae.decode(latents / self.models.config.vae.scale_factor).float()
+        return [batch["image"][:count], images]
+
+    def export(self, path) -> None:
+        """The whole model: this UNet with the frozen text encoder and VAE it was trained with."""
+        save_checkpoint(self.models, path)

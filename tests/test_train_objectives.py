@@ -1,0 +1,192 @@
+"""The objectives against their references: CLIP's image tower and contrastive loss against transformers' CLIPModel,
+the UNet loss against diffusers' DDPMScheduler + UNet2DConditionModel, min-SNR weights against diffusers'
+training recipe, and the VAE loss against its definition."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY, tiny_models
+from reference import diffusers_unet, max_rel_err, prefixed, randomize_
+from sdtorch.config import CLIPTextConfig, VAEConfig
+from sdtorch.diffusion.schedule import DiscreteSchedule
+from sdtorch.tokenizer import CLIPTokenizer
+from sdtorch.train.image_encoder import CLIPVisionConfig
+from sdtorch.train.objectives import (CLIPObjective, UNetObjective, VAEObjective, min_snr_weight, seeded_generators,
+                                      seeded_randn, use_gradient_checkpointing)
+
+TEXT = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      max_position_embeddings=32)
+VISION = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=3)
+CAPTIONS = ["a red circle on a blue background", "a small green square at the top left on a white background",
+            "a large yellow triangle on a black background", ""]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On the shared 2-core test machine two spinning OpenMP threads make these tiny ops many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _clip_objective() -> CLIPObjective:
+    torch.manual_seed(0)
+    objective = CLIPObjective(TEXT, VISION, projection_dim=16)
+    randomize_(objective, seed=1)
+    with torch.no_grad():
+        objective.logit_scale.fill_(2.0)
+    return objective
+
+
+def _transformers_clip(objective: CLIPObjective):
+    from transformers import CLIPConfig, CLIPModel
+
+    t, v = TEXT, VISION
+    config = CLIPConfig(
+        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                         max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act),
+        vision_config=dict(image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+                           intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+                           num_attention_heads=v.num_attention_heads, hidden_act=v.hidden_act),
+        projection_dim=16, attn_implementation="eager")
+    model = CLIPModel(config)
+    model.load_state_dict(objective.state_dict(), strict=True)  # same attribute names: no key mapping
+    return model.eval()
+
+
+def test_clip_loss_and_embeddings_match_transformers_clipmodel():
+    objective = _clip_objective()
+    reference = _transformers_clip(objective)
+    ids = CLIPTokenizer.default()(CAPTIONS, max_length=TEXT.max_position_embeddings)
+    images = torch.rand(len(CAPTIONS), 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    loss, metrics = objective({"image": images, "ids": ids})
+    with torch.no_grad():
+        out = reference(input_ids=ids, pixel_values=images, return_loss=True)
+    assert max_rel_err(objective.embed_images(images).detach(), out.image_embeds) < 1e-5
+    assert max_rel_err(objective.embed_text(ids).detach(), out.text_embeds) < 1e-5
+    assert abs(loss.item() - out.loss.item()) / out.loss.item() < 1e-5
+    assert metrics["temperature"].item() == pytest.approx(torch.tensor(-2.0).exp().item(), rel=1e-6)
+    vision = reference.vision_model(pixel_values=images).pooler_output
+    assert max_rel_err(objective.vision_model(images).detach(), vision) < 1e-5
+
+
+def test_clip_retrieval_counts_a_hit_when_the_caption_matches():
+    objective = _clip_objective().eval()
+    ids = CLIPTokenizer.default()(CAPTIONS, max_length=TEXT.max_position_embeddings)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    batch = {"image": images, "ids": ids, "caption": CAPTIONS}
+    best = (objective.embed_text(ids) @ objective.embed_images(images).T).argmax(1)
+    result = objective.evaluate([batch])
+    assert result["retrieval_top1"] == (best == torch.arange(4)).float().mean().item()
+    assert result["chance"] == 0.25
+    with pytest.raises(ValueError, match="expected images"):
+        objective.vision_model(torch.zeros(1, 3, 16, 16))
+
+
+def test_vae_loss_is_reconstruction_plus_weighted_kl():
+    torch.manual_seed(0)
+    cfg = VAEConfig(ch=16, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=8)
+    objective = VAEObjective(cfg, "mse", kl_weight=0.5)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    seeds = torch.tensor([11, 12])
+    loss, metrics = objective({"image": images, "seed": seeds})
+    posterior = objective.vae.encode(images)
+    eps = torch.stack([torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(s)) for s in (11, 12)])
+    recon = objective.vae.decode(posterior.mean + posterior.std * eps)
+    expected = F.mse_loss(recon, images) + 0.5 * posterior.kl().mean() / (3 * 32 * 32)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    result = objective.evaluate([{"image": images, "seed": seeds}])
+    z = posterior.mean + posterior.std * eps
+    assert result["scale_factor"] == pytest.approx(1 / z.std().item(), rel=1e-5)
+    assert objective.scale_factor == result["scale_factor"]
+    with pytest.raises(ValueError):
+        VAEObjective(cfg, "lpips")
+
+
+def test_seeded_noise_depends_only_on_each_samples_seed():
+    a = seeded_randn(seeded_generators(torch.tensor([5, 6, 7])), (2, 3), torch.device("cpu"))
+    b = seeded_randn(seeded_generators(torch.tensor([7])), (2, 3), torch.device("cpu"))
+    assert torch.equal(a[2], b[0]) and not torch.equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_diffusers_recipe(prediction_type):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type)
+    t = torch.tensor([0, 10, 250, 500, 999])
+    snr = compute_snr(scheduler, t)
+    # diffusers' examples/text_to_image/train_text_to_image.py
+    expected = torch.stack([snr, 5.0 * torch.ones_like(t)], dim=1).min(dim=1)[0]
+    expected = expected / snr if prediction_type == "epsilon" else expected / (snr + 1)
+    ac = DiscreteSchedule.scaled_linear().alphas_cumprod[t]
+    assert max_rel_err(min_snr_weight(ac / (1 - ac), 5.0, prediction_type), expected) < 1e-5
+    assert min_snr_weight(torch.tensor([0.0]), 5.0, "epsilon").item() == 1.0  # zero terminal SNR stays finite
+
+
+def _unet_objective(prediction_type="epsilon", gamma=None):
+    models = tiny_models(TINY.replace(prediction_type=prediction_type))
+    empty = CLIPTokenizer.default()([""])
+    return UNetObjective(models, empty, min_snr_gamma=gamma)
+
+
+@pytest.mark.parametrize("prediction_type,gamma", [("epsilon", None), ("v_prediction", 5.0)])
+def test_unet_loss_matches_diffusers_training_step(prediction_type, gamma):
+    """diffusers' train_text_to_image step on the same latents, noise and timesteps gives the same loss."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    objective = _unet_objective(prediction_type, gamma)
+    models, cfg = objective.models, objective.models.config
+    unet = diffusers_unet(prefixed("unet", models.unet.state_dict()), cfg)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type)
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    ids = CLIPTokenizer.default()(CAPTIONS[:3])
+    seeds = torch.tensor([101, 202, 303])
+    loss, _ = objective({"image": images, "ids": ids, "seed": seeds})
+
+    # what our objective draws from each sample's seed, in order: timestep, posterior noise, diffusion noise
+    gens = seeded_generators(seeds)
+    t = torch.cat([torch.randint(1000, (1,), generator=g) for g in gens])
+    posterior = models.vae.encode(images)
+    eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in gens])
+    noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in gens])
+    with torch.no_grad():
+        latents = (posterior.mean + posterior.std * eps) * cfg.vae.scale_factor
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+        pred = unet(noisy, t, models.text_encoder(ids)).sample
+        if gamma is None:
+            expected = F.mse_loss(pred, target)
+        else:
+            snr = compute_snr(scheduler, t)
+            weights = torch.stack([snr, gamma * torch.ones_like(t)], dim=1).min(dim=1)[0] / (snr + 1)
+            expected = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+    assert abs(loss.item() - expected.item()) / expected.item() < 1e-4  # float32 UNet vs diffusers' UNet
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = {"image": torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1,
+             "ids": CLIPTokenizer.default()(CAPTIONS[:2]), "seed": torch.tensor([1, 2])}
+    grads = []
+    for checkpointed in (False, True):
+        objective = _unet_objective()
+        unet = objective.models.unet
+        if checkpointed:
+            use_gradient_checkpointing([*unet.input_blocks, unet.middle_block, *unet.output_blocks])
+        objective(batch)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
+    assert max_rel_err(grads[1], grads[0]) < 1e-6
+    assert sorted(objective.state_dict()) == sorted(_unet_objective().state_dict())  # keys unchanged
+
+
+def test_unet_objective_rejects_mismatched_parts():
+    bad = TINY.replace(unet=TINY.unet.__class__(**{**TINY.unet.__dict__, "context_dim": 48}))
+    with pytest.raises(ValueError, match="does not fit"):
+        UNetObjective(tiny_models(bad), CLIPTokenizer.default()([""]))
