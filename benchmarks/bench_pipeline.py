@@ -1,0 +1,142 @@
+"""One SD 1.5-size generation, sdtorch against diffusers on the same machine, weights and settings.
+
+    python benchmarks/bench_pipeline.py [--steps 20] [--size 512] [--device cpu|cuda] [--dtype fp32|fp16]
+
+Random SD 1.5 weights are written once as a single-file .safetensors; each side then runs in a fresh subprocess:
+load the file (ours: `sdtorch.load`; diffusers: `StableDiffusionPipeline.from_single_file`, offline config), encode
+the prompt, sample `--steps` Euler steps with CFG 7 (batch 2 through the UNet), decode with the VAE. Reported: text
+encoding, the median UNet step (with CFG), VAE decode, the whole generation, and peak RSS (VmHWM minus the RSS after
+imports, so the load counts) — each as ours / diffusers. A benchmark, never a test.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_load import make_files, rss_kib  # noqa: E402
+
+PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def child(side: str, path: str, config_dir: str, steps: int, size: int, device: str, dtype: str) -> dict:
+    torch.set_num_threads(torch.get_num_threads())
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    if side == "ours":
+        import sdtorch
+        from sdtorch.pipeline import Settings
+    else:
+        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    baseline = rss_kib("VmRSS")
+    t0 = time.perf_counter()
+    if side == "ours":
+        pipe = sdtorch.load(path, device=device, dtype=dtype)
+    else:
+        pipe = StableDiffusionPipeline.from_single_file(path, config=config_dir, local_files_only=True,
+                                                        safety_checker=None, torch_dtype=torch_dtype).to(device)
+        # A1111's Euler with the "normal" schedule, which is what our "Euler" runs
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
+        pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - t0
+
+    with torch.inference_mode():
+        encode_times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            if side == "ours":
+                pipe.encode_prompts(PROMPT, NEGATIVE, 1)
+            else:
+                pipe.encode_prompt(PROMPT, device, 1, True, NEGATIVE)
+            sync(device)
+            encode_times.append(time.perf_counter() - t)
+
+        stamps = []
+        start = time.perf_counter()
+        if side == "ours":
+            decode_s = []
+            original = pipe.decode_latents
+
+            def timed_decode(latents, tiled=False):
+                sync(device)
+                t = time.perf_counter()
+                out = original(latents, tiled)
+                sync(device)
+                decode_s.append(time.perf_counter() - t)
+                return out
+
+            pipe.decode_latents = timed_decode
+            pipe.run(Settings(PROMPT, NEGATIVE, steps=steps, cfg=7.0, sampler="Euler", seed=0, width=size,
+                              height=size), callback=lambda *a: (sync(device), stamps.append(time.perf_counter())))
+            decode_s = decode_s[0]
+        else:
+            latents = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.0,
+                           height=size, width=size, generator=torch.Generator().manual_seed(0), output_type="latent",
+                           callback_on_step_end=lambda p, i, t, kw: (sync(device), stamps.append(time.perf_counter()),
+                                                                     kw)[2]).images
+            t = time.perf_counter()
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+            pipe.image_processor.postprocess(image, output_type="pil")
+            sync(device)
+            decode_s = time.perf_counter() - t
+        total_s = time.perf_counter() - start
+    step_times = [b - a for a, b in zip([start] + stamps[:-1], stamps)][1:]  # the first includes prompt encoding
+    peak = (rss_kib("VmHWM") - baseline) * 1024
+    out = {"load_s": load_s, "encode_s": statistics.median(encode_times), "step_s": statistics.median(step_times),
+           "decode_s": decode_s, "total_s": total_s, "peak_bytes": peak}
+    if device == "cuda":
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    parser.add_argument("--dir", help="where to write the 6.4 GB of weights (default: a temporary folder)")
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        side, path, config_dir, steps, size, device, dtype = args.child
+        print(json.dumps(child(side, path, config_dir, int(steps), int(size), device, dtype)))
+        return
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        folder = Path(tmp)
+        files = make_files(folder)
+        results = {}
+        for side in ("ours", "diffusers"):
+            files["fp32"].read_bytes()  # into the page cache, so neither side pays the disk
+            cmd = [sys.executable, __file__, "--child", side, str(files["fp32"]), str(folder / "config"),
+                   str(args.steps), str(args.size), args.device, args.dtype]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{side} failed:\n{proc.stderr}")
+            results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(side, results[side], flush=True)
+    ours, theirs = results["ours"], results["diffusers"]
+    print(f"\n{args.size}x{args.size}, {args.steps} Euler steps, CFG 7, {args.device} {args.dtype}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'':<26}{'sdtorch':>10}{'diffusers':>11}{'ratio':>8}")
+    rows = [("text encoding (s)", "encode_s", 1), ("UNet step with CFG (s)", "step_s", 1),
+            ("VAE decode (s)", "decode_s", 1), (f"{args.steps}-step generation (s)", "total_s", 1),
+            ("load (s)", "load_s", 1), ("peak RSS (GB)", "peak_bytes", 1e9)]
+    if "cuda_peak_bytes" in ours:
+        rows.append(("peak CUDA memory (GB)", "cuda_peak_bytes", 1e9))
+    for label, key, scale in rows:
+        print(f"{label:<26}{ours[key] / scale:>10.2f}{theirs[key] / scale:>11.2f}{ours[key] / theirs[key]:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
