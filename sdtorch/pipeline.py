@@ -203,8 +203,10 @@ class Pipeline:
     def generate(self, s: Settings, *, init_image=None, **kwargs) -> list[Image.Image]:
         """Run and return PIL images carrying A1111 "parameters" metadata (seed -1 replaced by the seed used)."""
         pixels = self.run(s, init_image=init_image, **kwargs)
-        text = format_parameters(s.prompt, s.negative, self.infotext_params(s, init_image is not None))
-        return [png_with_parameters(im, text) for im in imgs.tensor_to_pil(pixels)]
+        # image k's own seed is s + k (A1111 writes it so): its parameters regenerate it alone
+        return [png_with_parameters(im, format_parameters(s.prompt, s.negative,
+                                                          self.infotext_params(s, init_image is not None, k)))
+                for k, im in enumerate(imgs.tensor_to_pil(pixels))]
 
     def run(self, s: Settings, *, init_image=None, mask=None, mask_blur: int = 4, resize_mode=0, callback=None,
             tiled_vae: bool | None = None, **_ignored) -> torch.Tensor:
@@ -319,11 +321,11 @@ class Pipeline:
                 vae.to(p.dtype)
         return out
 
-    def infotext_params(self, s: Settings, with_image: bool) -> dict:
+    def infotext_params(self, s: Settings, with_image: bool, index: int = 0) -> dict:
         sampler, schedule_name = self.sampler_and_schedule(s)
         return {
             "Steps": s.steps, "Sampler": sampler.name, "Schedule type": SCHEDULE_LABELS.get(schedule_name),
-            "CFG scale": s.cfg, "Seed": s.seed, "Size": f"{s.width}x{s.height}",
+            "CFG scale": s.cfg, "Seed": s.seed + index, "Size": f"{s.width}x{s.height}",
             "Model hash": self.model_hash, "Model": self.name or None,
             "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
             "Denoising strength": s.strength if with_image else None,
