@@ -30,7 +30,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def child(side: str, path: str, config_dir: str, steps: int, size: int, device: str, dtype: str) -> dict:
+def child(side: str, path: str, config_dir: str, steps: int, size: int, device: str, dtype: str,
+          warmup: bool) -> dict:
     torch.set_num_threads(torch.get_num_threads())
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     if side == "ours":
@@ -51,6 +52,12 @@ def child(side: str, path: str, config_dir: str, steps: int, size: int, device: 
     load_s = time.perf_counter() - t0
 
     with torch.inference_mode():
+        if warmup:  # one untimed generation first: CUDA kernels' first-call set-up is not what a user waits for
+            if side == "ours":
+                pipe.run(Settings(PROMPT, NEGATIVE, steps=2, cfg=7.0, sampler="Euler", seed=0, width=size, height=size))
+            else:
+                pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=2, height=size, width=size)
+            sync(device)
         encode_times = []
         for _ in range(5):
             t = time.perf_counter()
@@ -93,6 +100,7 @@ def child(side: str, path: str, config_dir: str, steps: int, size: int, device: 
     step_times = [b - a for a, b in zip([start] + stamps[:-1], stamps)][1:]  # the first includes prompt encoding
     peak = (rss_kib("VmHWM") - baseline) * 1024
     out = {"load_s": load_s, "encode_s": statistics.median(encode_times), "step_s": statistics.median(step_times),
+           "first_step_s": stamps[0] - start,
            "decode_s": decode_s, "total_s": total_s, "peak_bytes": peak}
     if device == "cuda":
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -106,11 +114,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     parser.add_argument("--dir", help="where to write the 6.4 GB of weights (default: a temporary folder)")
-    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", action="store_true", help="one untimed generation first (use on GPUs)")
+    parser.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        side, path, config_dir, steps, size, device, dtype = args.child
-        print(json.dumps(child(side, path, config_dir, int(steps), int(size), device, dtype)))
+        side, path, config_dir, steps, size, device, dtype, warmup = args.child
+        print(json.dumps(child(side, path, config_dir, int(steps), int(size), device, dtype, warmup == "1")))
         return
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
@@ -119,7 +128,7 @@ def main() -> None:
         for side in ("ours", "diffusers"):
             files["fp32"].read_bytes()  # into the page cache, so neither side pays the disk
             cmd = [sys.executable, __file__, "--child", side, str(files["fp32"]), str(folder / "config"),
-                   str(args.steps), str(args.size), args.device, args.dtype]
+                   str(args.steps), str(args.size), args.device, args.dtype, str(int(args.warmup))]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{side} failed:\n{proc.stderr}")
@@ -127,7 +136,7 @@ def main() -> None:
             print(side, results[side], flush=True)
     ours, theirs = results["ours"], results["diffusers"]
     print(f"\n{args.size}x{args.size}, {args.steps} Euler steps, CFG 7, {args.device} {args.dtype}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads{', after a warm-up generation' if args.warmup else ''}")
     print(f"{'':<26}{'sdtorch':>10}{'diffusers':>11}{'ratio':>8}")
     rows = [("text encoding (s)", "encode_s", 1), ("UNet step with CFG (s)", "step_s", 1),
             ("VAE decode (s)", "decode_s", 1), (f"{args.steps}-step generation (s)", "total_s", 1),

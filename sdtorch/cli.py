@@ -288,6 +288,25 @@ def run_dataset(args) -> int:
     return 0
 
 
+def run_eval(args) -> int:
+    import sdtorch
+    from tqdm import tqdm
+
+    from .train.eval_shapes import EVAL_SEED, evaluate, format_table
+
+    model = args.model or BUILTIN_MODEL
+    if not Path(model).exists():
+        raise CLIError(f"model not found: {model}")
+    pipe = sdtorch.load(model, device=args.device)
+    bar = tqdm(total=args.count, file=sys.stderr, disable=args.quiet)
+    result = evaluate(pipe, count=args.count, seed=args.seed if args.seed is not None else EVAL_SEED,
+                      steps=args.steps, sampler=args.sampler, cfg=args.cfg,
+                      progress=lambda done, total: bar.update(1))
+    bar.close()
+    print(format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtorch", description="Stable Diffusion from scratch in PyTorch")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -308,6 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64)
+    p = sub.add_parser("eval", help="score a model on the shapes task by pixel analysis")
+    p.add_argument("task", choices=["shapes"])
+    p.add_argument("--model", help="default: the built-in model")
+    p.add_argument("--count", type=int, default=200)
+    p.add_argument("--seed", type=int, help="caption seed (default: one the training never used)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="DPM++ 2M")
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
     from .train.cli import add_train_parser
 
     add_train_parser(sub)
@@ -315,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"generate": run_generate, "info": run_info, "samplers": run_samplers, "convert": run_convert,
-            "dataset": run_dataset}
+            "dataset": run_dataset, "eval": run_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
