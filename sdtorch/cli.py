@@ -110,16 +110,14 @@ def validate_settings(s: dict, args) -> None:
 
 
 def open_image(path: str, what: str):
-    from PIL import Image, UnidentifiedImageError
+    from .images import load_image
 
     if not Path(path).is_file():
         raise CLIError(f"{what}: no such file: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im
-    except (UnidentifiedImageError, OSError) as e:
-        raise CLIError(f"{what}: cannot read {path} as an image ({e.__class__.__name__})") from None
+        return load_image(path)
+    except ValueError as e:
+        raise CLIError(f"{what}: {e}") from None
 
 
 def output_paths(output: str, count: int, seed: int) -> list[Path]:

@@ -7,6 +7,18 @@ from PIL import Image, ImageFilter
 RESIZE_MODES = {"just resize": 0, "crop and resize": 1, "resize and fill": 2}
 
 
+def load_image(image) -> Image.Image:
+    """A PIL image, or one read from a path / file object; ValueError saying why when it is no image."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as im:
+            im.load()
+            return im
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot read {image} as an image ({e.__class__.__name__})") from None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGBA (composited on white, as A1111 does for transparent inputs), greyscale and palette images -> RGB."""
     if image.mode == "RGB":

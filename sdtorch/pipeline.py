@@ -181,7 +181,7 @@ class Pipeline:
                 resize_mode: int | str = 0, **kwargs) -> list[Image.Image]:
         """Images from a prompt and a starting image; strength 0 returns (the VAE round trip of) the image,
         1 ignores it. Width/height default to the init image's size rounded down to multiples of 8."""
-        init_image = _as_image(init_image)
+        init_image = imgs.load_image(init_image)
         kwargs.setdefault("width", init_image.width // 8 * 8)
         kwargs.setdefault("height", init_image.height // 8 * 8)
         s = Settings(prompt, negative, strength=strength, **_settings_kwargs(kwargs))
@@ -192,11 +192,11 @@ class Pipeline:
                 strength: float = 1.0, mask_blur: int = 4, resize_mode: int | str = 0, **kwargs) -> list[Image.Image]:
         """Repaint the white part of `mask`. 9-channel inpainting models get the masked image as conditioning;
         ordinary models blend the re-noised original into the unmasked part at every step."""
-        init_image = _as_image(init_image)
+        init_image = imgs.load_image(init_image)
         kwargs.setdefault("width", init_image.width // 8 * 8)
         kwargs.setdefault("height", init_image.height // 8 * 8)
         s = Settings(prompt, negative, strength=strength, **_settings_kwargs(kwargs))
-        return self.generate(s, init_image=init_image, mask=_as_image(mask), mask_blur=mask_blur,
+        return self.generate(s, init_image=init_image, mask=imgs.load_image(mask), mask_blur=mask_blur,
                              resize_mode=resize_mode, **kwargs)
 
     # -- the shared engine --------------------------------------------------------------------------------------
@@ -356,14 +356,3 @@ def _settings_kwargs(kwargs: dict) -> dict:
     if unknown:
         raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
     return {k: kwargs.pop(k) for k in list(kwargs) if k in _SETTINGS_FIELDS}
-
-
-def _as_image(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with Image.open(image) as im:
-            im.load()
-            return im
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {image!r}: {e}") from None

@@ -17,15 +17,18 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
         w = cfg.hidden_size
         self.heads = cfg.num_attention_heads
+        self.causal = causal
         self.k_proj, self.v_proj, self.q_proj, self.out_proj = (nn.Linear(w, w) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # causal: token i only sees tokens <= i, as in a language model (CLIP's text tower is GPT-2-like)
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True))
+        # causal: token i only sees tokens <= i, as in a language model (CLIP's text tower is GPT-2-like);
+        # the image tower (train/image_encoder.py) lets every patch see every patch
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads,
+                                       causal=self.causal))
 
 
 class CLIPMLP(nn.Module):
@@ -40,9 +43,11 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    """Pre-LN transformer layer. `cfg` may be the text or the image tower's config (same field names)."""
+
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.attention import attention
-from ..models.clip import CLIPMLP
+from ..models.clip import CLIPEncoderLayer
 
 
 @dataclass(frozen=True)
@@ -31,32 +30,6 @@ class CLIPVisionConfig:
             raise ValueError(f"hidden_size {self.hidden_size} must divide into {self.num_attention_heads} heads")
 
 
-class VisionAttention(nn.Module):
-    """CLIP's self-attention without the text tower's causal mask: every patch attends to every patch."""
-
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__()
-        w = cfg.hidden_size
-        self.heads = cfg.num_attention_heads
-        self.k_proj, self.v_proj, self.q_proj, self.out_proj = (nn.Linear(w, w) for _ in range(4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
-
-
-class VisionEncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__()
-        self.self_attn = VisionAttention(cfg)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = CLIPMLP(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
 class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPVisionConfig):
         super().__init__()
@@ -73,7 +46,8 @@ class VisionEmbeddings(nn.Module):
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: CLIPVisionConfig):
         super().__init__()
-        self.layers = nn.ModuleList(VisionEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        # the text tower's layer without its causal mask: every patch attends to every patch
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal=False) for _ in range(cfg.num_hidden_layers))
 
 
 class CLIPVisionTransformer(nn.Module):
