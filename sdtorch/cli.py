@@ -20,8 +20,9 @@ class CLIError(Exception):
 
 
 # -- generate -------------------------------------------------------------------------------------------------------
-GENERATE_DEFAULTS = dict(negative="", steps=20, cfg=7.0, sampler="Euler a", schedule=None, seed=-1, width=512,
-                         height=512, batch=1, strength=None, clip_skip=1)
+# width/height None: the model's native resolution (512 for SD 1.x, 64 for the built-in model)
+GENERATE_DEFAULTS = dict(negative="", steps=20, cfg=7.0, sampler="Euler a", schedule=None, seed=-1, width=None,
+                         height=None, batch=1, strength=None, clip_skip=1)
 
 
 def add_generate(sub) -> None:
@@ -33,7 +34,7 @@ def add_generate(sub) -> None:
     p.add_argument("--sampler", help='A1111 sampler name, e.g. "Euler a", "DPM++ 2M", "DPM++ 2M Karras"')
     p.add_argument("--schedule", help="sigma schedule: normal, karras, exponential, sgm_uniform, simple")
     p.add_argument("--seed", type=int, help="-1 (default) = random; the seed used is printed")
-    p.add_argument("--width", type=int)
+    p.add_argument("--width", type=int, help="default: the model's native resolution")
     p.add_argument("--height", type=int)
     p.add_argument("-n", "--batch", type=int, help="images per run (image k gets seed+k)")
     p.add_argument("--init-image", help="start from this image (img2img)")
@@ -94,7 +95,7 @@ def validate_settings(s: dict, args) -> None:
     from .diffusion.samplers import parse_sampler_name
 
     for name in ("width", "height"):
-        if s[name] <= 0 or s[name] % 8:
+        if s[name] is not None and (s[name] <= 0 or s[name] % 8):
             raise CLIError(f"--{name} must be a positive multiple of 8, got {s[name]}")
     if s["steps"] < 1:
         raise CLIError(f"--steps must be at least 1, got {s['steps']}")

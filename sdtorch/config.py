@@ -73,6 +73,7 @@ class ModelConfig:
     clip: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
     clip_pad_token_id: int | None = None  # None: pad with <|endoftext|> as SD 1.x does
+    resolution: int = 512  # the image side the model was trained at: the default width and height
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

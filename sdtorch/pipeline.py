@@ -92,8 +92,8 @@ class Settings:
     sampler: str = "Euler a"
     schedule: str | None = None  # None: the sampler's default (or the one named in "DPM++ 2M Karras")
     seed: int = -1
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # None: the model's native resolution (512 for SD 1.x)
+    height: int | None = None
     batch: int = 1
     clip_skip: int = 1
     strength: float | None = None  # img2img/inpaint only
@@ -182,8 +182,7 @@ class Pipeline:
         """Images from a prompt and a starting image; strength 0 returns (the VAE round trip of) the image,
         1 ignores it. Width/height default to the init image's size rounded down to multiples of 8."""
         init_image = imgs.load_image(init_image)
-        kwargs.setdefault("width", init_image.width // 8 * 8)
-        kwargs.setdefault("height", init_image.height // 8 * 8)
+        _size_from(init_image, kwargs)
         s = Settings(prompt, negative, strength=strength, **_settings_kwargs(kwargs))
         return self.generate(s, init_image=init_image, resize_mode=resize_mode, **kwargs)
 
@@ -193,8 +192,7 @@ class Pipeline:
         """Repaint the white part of `mask`. 9-channel inpainting models get the masked image as conditioning;
         ordinary models blend the re-noised original into the unmasked part at every step."""
         init_image = imgs.load_image(init_image)
-        kwargs.setdefault("width", init_image.width // 8 * 8)
-        kwargs.setdefault("height", init_image.height // 8 * 8)
+        _size_from(init_image, kwargs)
         s = Settings(prompt, negative, strength=strength, **_settings_kwargs(kwargs))
         return self.generate(s, init_image=init_image, mask=imgs.load_image(mask), mask_blur=mask_blur,
                              resize_mode=resize_mode, **kwargs)
@@ -211,6 +209,8 @@ class Pipeline:
     def run(self, s: Settings, *, init_image=None, mask=None, mask_blur: int = 4, resize_mode=0, callback=None,
             tiled_vae: bool | None = None, **_ignored) -> torch.Tensor:
         """The whole generation; returns (B, 3, H, W) pixels in [-1, 1]."""
+        s.width = s.width or self.config.resolution
+        s.height = s.height or self.config.resolution
         s.validate()
         sampler, schedule_name = self.sampler_and_schedule(s)
         if s.seed == -1:
@@ -356,3 +356,10 @@ def _settings_kwargs(kwargs: dict) -> dict:
     if unknown:
         raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
     return {k: kwargs.pop(k) for k in list(kwargs) if k in _SETTINGS_FIELDS}
+
+
+def _size_from(image: Image.Image, kwargs: dict) -> None:
+    """img2img/inpaint default to the init image's size, rounded down to multiples of 8."""
+    for name, side in (("width", image.width), ("height", image.height)):
+        if kwargs.get(name) is None:
+            kwargs[name] = side // 8 * 8

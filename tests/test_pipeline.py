@@ -188,3 +188,10 @@ def test_long_prompt_is_encoded_in_75_token_chunks(pipe):
     assert torch.allclose(cond, expected, atol=1e-6)
     empty = torch.tensor([[tok.bos_token_id, tok.eos_token_id] + [tok.pad_token_id] * 75])
     assert torch.allclose(uncond, pipe.text_encoder(empty).repeat(1, 2, 1), atol=1e-6)
+
+
+def test_default_size_is_the_models_resolution_or_the_init_images():
+    pipe32 = Pipeline(tiny_models(), CLIPTokenizer.default(), TINY.replace(resolution=32), device="cpu")
+    image = pipe32.txt2img(PROMPT, steps=1, seed=0)[0]
+    assert image.size == (32, 32) and "Size: 32x32" in image.info["parameters"]
+    assert pipe32.img2img(PROMPT, Image.new("RGB", (44, 20)), steps=1, seed=0)[0].size == (40, 16)

@@ -165,6 +165,8 @@ def build_unet_models(args, settings: dict) -> StableDiffusionModels:
                                                    out_channels=cfg.vae.embed_dim, context_dim=cfg.clip.hidden_size))
     if args.prediction_type:
         cfg = cfg.replace(prediction_type=args.prediction_type)
+    if not args.init:  # a new model's native size is what it is trained at (generate's default width/height)
+        cfg = cfg.replace(resolution=args.resolution)
     models = StableDiffusionModels(cfg)
     for part, (path, state) in files.items():
         _load_state(getattr(models, part), state, part, path)
