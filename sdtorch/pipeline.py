@@ -209,8 +209,8 @@ class Pipeline:
     def run(self, s: Settings, *, init_image=None, mask=None, mask_blur: int = 4, resize_mode=0, callback=None,
             tiled_vae: bool | None = None, **_ignored) -> torch.Tensor:
         """The whole generation; returns (B, 3, H, W) pixels in [-1, 1]."""
-        s.width = s.width or self.config.resolution
-        s.height = s.height or self.config.resolution
+        s.width = self.config.resolution if s.width is None else s.width
+        s.height = self.config.resolution if s.height is None else s.height
         s.validate()
         sampler, schedule_name = self.sampler_and_schedule(s)
         if s.seed == -1:
