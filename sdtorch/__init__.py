@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["load", "save", "Pipeline"]
+__all__ = ["load", "save", "Pipeline", "BUILTIN_MODEL"]
+
+# the small model this project trained from scratch on procedural shapes (scripts/train_builtin.sh)
+BUILTIN_MODEL = Path(__file__).parent / "data" / "builtin.safetensors"
 
 
 def load(path, *, vae=None, device="auto", dtype=None, ema: bool = False, prediction_type: str | None = None,

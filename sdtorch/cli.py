@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from . import BUILTIN_MODEL
+
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
-BUILTIN_MODEL = Path(__file__).parent / "data" / "builtin.safetensors"
 
 
 class CLIError(Exception):
