@@ -26,10 +26,6 @@ from .tiling import decode_tiled, encode_tiled
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 TILE_ABOVE_PIXELS = 1024 * 1024
-# Samplers that A1111/diffusers run in VP space (CompVis DDIM/PLMS, DDPM, LCM): they start from unit-variance VP noise,
-# and DDIM/PLMS end at the first training timestep rather than at σ = 0.
-VP_SAMPLERS = {"DDIM", "PLMS", "DDPM", "LCM"}
-ENDS_AT_T0 = {"DDIM", "PLMS"}
 SCHEDULE_LABELS = {"normal": "Normal", "karras": "Karras", "exponential": "Exponential",
                    "sgm_uniform": "SGM Uniform", "simple": "Simple"}  # as A1111's "Schedule type" writes them  # auto-tile the VAE above this many output pixels (e.g. larger than 1024x1024)
 
@@ -225,9 +221,9 @@ class Pipeline:
 
         # A1111's DDIM/PLMS (CompVis) walk the "leading" timesteps of SD's scheduler config; k-diffusion samplers
         # with the "normal" schedule walk t = linspace(999, 0) (diffusers' "linspace").
-        vp = sampler.name in VP_SAMPLERS
+        vp = sampler.vp
         sigmas = get_sigmas(self.schedule, s.steps, schedule_name, spacing="leading" if vp else "linspace")
-        if sampler.name in ENDS_AT_T0:
+        if sampler.ends_at_t0:
             sigmas[-1] = self.schedule.sigma_min  # they stop at the first training timestep, not at σ = 0
         sigmas = sigmas.to(self.device)
         rng = SeededNoise(s.seed, s.batch)
@@ -278,7 +274,7 @@ class Pipeline:
             sampler_kwargs["eta"] = s.eta
         latents = sampler.fn(model, x, sigmas, extra_args=extra_args, callback=on_step, disable=True,
                              noise_sampler=rng.sampler(x), **sampler_kwargs)
-        if sampler.name in ENDS_AT_T0:  # their result is the VP sample at t=0: sqrt(ᾱ_0)·x
+        if sampler.ends_at_t0:  # their result is the VP sample at t=0: sqrt(ᾱ_0)·x
             latents = latents / (1 + sigmas[-1] ** 2) ** 0.5
         if latent_mask is not None:
             latents = latent_mask * latents + (1 - latent_mask) * x0_latent

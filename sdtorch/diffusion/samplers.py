@@ -434,12 +434,15 @@ class SamplerInfo:
     aliases: tuple[str, ...]  # k-diffusion / ComfyUI / old A1111 ids
     stochastic: bool  # draws noise at its default settings
     default_schedule: str = "normal"  # what A1111's "Automatic" schedule picks for it
+    # A1111/diffusers run these in VP space: they start from unit-variance VP noise and walk SD's "leading" timesteps
+    vp: bool = False
+    ends_at_t0: bool = False  # ...and stop at the first training timestep (σ_min), not at σ = 0
 
 
 _SAMPLER_LIST = [
-    SamplerInfo("DDIM", sample_ddim, ("ddim",), False),
-    SamplerInfo("DDPM", sample_ddpm, ("ddpm",), True),
-    SamplerInfo("PLMS", sample_plms, ("plms", "pndm"), False),
+    SamplerInfo("DDIM", sample_ddim, ("ddim",), False, vp=True, ends_at_t0=True),
+    SamplerInfo("DDPM", sample_ddpm, ("ddpm",), True, vp=True),
+    SamplerInfo("PLMS", sample_plms, ("plms", "pndm"), False, vp=True, ends_at_t0=True),
     SamplerInfo("Euler", sample_euler, ("euler", "k_euler"), False),
     SamplerInfo("Euler a", sample_euler_ancestral, ("euler_ancestral", "k_euler_a", "k_euler_ancestral"), True),
     SamplerInfo("Heun", sample_heun, ("heun", "k_heun"), False),
@@ -450,7 +453,7 @@ _SAMPLER_LIST = [
     SamplerInfo("DPM++ 2M SDE", sample_dpmpp_2m_sde, ("dpmpp_2m_sde", "k_dpmpp_2m_sde"), True, "exponential"),
     SamplerInfo("DPM++ SDE", sample_dpmpp_sde, ("dpmpp_sde", "k_dpmpp_sde"), True, "karras"),
     SamplerInfo("UniPC", sample_unipc, ("uni_pc", "unipc", "uni_pc_bh2"), False),
-    SamplerInfo("LCM", sample_lcm, ("lcm",), True, "sgm_uniform"),
+    SamplerInfo("LCM", sample_lcm, ("lcm",), True, "sgm_uniform", vp=True),
 ]
 SAMPLERS: dict[str, SamplerInfo] = {info.name: info for info in _SAMPLER_LIST}
 
