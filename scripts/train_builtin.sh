@@ -14,9 +14,12 @@ sdtorch train clip "$SIZES" "${COMMON[@]}" --out "$RUN/clip" --steps 400 --batch
 # MSE rather than L1: on flat colours it reached 17.6 dB PSNR at step 500 where L1 had 12.8
 sdtorch train vae "$SIZES" "${COMMON[@]}" --out "$RUN/vae" --steps 5000 --batch-size 8 --lr 1e-3 \
     --warmup-steps 50 --loss mse --eval-every 250 --sample-every 500 | tee "$RUN/vae.out"
-sdtorch train unet "$SIZES" "${COMMON[@]}" --out "$RUN/unet" --steps 2000 --batch-size 64 --lr 5e-4 \
-    --warmup-steps 100 --ema-decay 0.999 --caption-dropout 0.1 --min-snr-gamma 5 --eval-every 1000 \
-    --sample-every 500 --clip "$RUN/clip/model.safetensors" --vae "$RUN/vae/model.safetensors" | tee "$RUN/unet.out"
+# A fixed pool of 40k scenes, seen ~9 times: the frozen VAE and CLIP encode each image and caption once
+# (--cache-encodings), which makes a step ~1.7x faster; the UNet needs many more samples than CLIP or the VAE.
+sdtorch train unet "$SIZES" "${COMMON[@]}" --data-size 40000 --cache-encodings 40000 --out "$RUN/unet" \
+    --steps 5500 --batch-size 64 --lr 1e-3 --warmup-steps 100 --ema-decay 0.999 --caption-dropout 0.1 \
+    --min-snr-gamma 5 --eval-every 1000 --sample-every 1000 --clip "$RUN/clip/model.safetensors" \
+    --vae "$RUN/vae/model.safetensors" | tee "$RUN/unet.out"
 
 sdtorch convert "$RUN/unet/model.safetensors" sdtorch/data/builtin.safetensors --dtype fp16
 sdtorch eval shapes --model sdtorch/data/builtin.safetensors

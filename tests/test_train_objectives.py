@@ -129,10 +129,10 @@ def test_min_snr_weights_match_diffusers_recipe(prediction_type):
     assert min_snr_weight(torch.tensor([0.0]), 5.0, "epsilon").item() == 1.0  # zero terminal SNR stays finite
 
 
-def _unet_objective(prediction_type="epsilon", gamma=None):
+def _unet_objective(prediction_type="epsilon", gamma=None, cache_items=0):
     models = tiny_models(TINY.replace(prediction_type=prediction_type))
     empty = CLIPTokenizer.default()([""])
-    return UNetObjective(models, empty, min_snr_gamma=gamma)
+    return UNetObjective(models, empty, min_snr_gamma=gamma, cache_items=cache_items)
 
 
 @pytest.mark.parametrize("prediction_type,gamma", [("epsilon", None), ("v_prediction", 5.0)])
@@ -184,6 +184,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
     assert max_rel_err(grads[1], grads[0]) < 1e-6
     assert sorted(objective.state_dict()) == sorted(_unet_objective().state_dict())  # keys unchanged
+
+
+def test_encoding_cache_gives_the_losses_of_fresh_encodings():
+    """Cached VAE latents and text contexts change nothing: batches that repeat images and captions (in another
+    order, with other seeds) give the uncached loss; the encoders run once per distinct image and caption."""
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    ids = CLIPTokenizer.default()(CAPTIONS[:3])
+    batches = [{"image": images, "ids": ids, "seed": torch.tensor([1, 2, 3])},
+               {"image": images[[2, 0, 2]], "ids": ids[[2, 0, 2]], "seed": torch.tensor([4, 5, 6])}]
+    plain, cached = _unet_objective(), _unet_objective(cache_items=10)  # same seeded weights
+    calls = []
+    encode = cached.models.vae.encode
+    cached.models.vae.encode = lambda x: calls.append(len(x)) or encode(x)
+    for batch in batches:
+        assert max_rel_err(cached(batch)[0], plain(batch)[0]) < 1e-6  # batch composition may move the last bit
+    assert calls == [3]  # the second batch's images were all seen
+    assert (cached.latent_cache.hits, cached.latent_cache.misses) == (3, 3)
+    assert cached.text_cache.misses == 3 and len(cached.text_cache.store) == 3
+    small = _unet_objective(cache_items=1)  # full: later rows are still encoded, just not kept
+    assert max_rel_err(small(batches[0])[0], plain(batches[0])[0]) < 1e-6
+    assert len(small.latent_cache.store) == 1
 
 
 def test_unet_objective_rejects_mismatched_parts():

@@ -62,6 +62,9 @@ def add_train_parser(subparsers) -> None:
             k.add_argument("--min-snr-gamma", type=float, help="min-SNR-γ loss weighting (Hang et al. 2023), e.g. 5")
             k.add_argument("--zero-terminal-snr", action="store_true", help="rescale β to zero terminal SNR")
             k.add_argument("--grad-checkpointing", action="store_true", help="recompute activations (less memory)")
+            k.add_argument("--cache-encodings", type=int, default=0, metavar="N",
+                           help="remember the frozen VAE's and text encoder's outputs for up to N images and N "
+                                "captions (about 25 KB each at 64x64): for several epochs over a fixed pool")
 
 
 def _add_common(p: argparse.ArgumentParser, kind: str) -> None:
@@ -193,7 +196,7 @@ def build_objective(args) -> tuple[torch.nn.Module, Collate]:
     models = build_unet_models(args, settings)
     collate = text_collate(models.config)
     empty_ids = collate.tokenizer([""], max_length=collate.max_length)  # (1, L): the unconditional prompt
-    objective = UNetObjective(models, empty_ids, args.min_snr_gamma, args.zero_terminal_snr)
+    objective = UNetObjective(models, empty_ids, args.min_snr_gamma, args.zero_terminal_snr, args.cache_encodings)
     if args.grad_checkpointing:
         unet = models.unet
         use_gradient_checkpointing([*unet.input_blocks, unet.middle_block, *unet.output_blocks])

@@ -8,10 +8,11 @@ Each also has `evaluate(batches)` (held-out metrics), `preview(batch)` (image ro
 """
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -232,12 +233,40 @@ def use_gradient_checkpointing(blocks: Iterable[nn.Module]) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
+class EncodingCache:
+    """Memo of a frozen encoder's outputs, keyed by the bytes of each input row: a UNet run over a fixed pool of
+    images and captions sees each of them once per epoch, and the frozen VAE and text encoder would otherwise redo the
+    same work every time (on 64x64 shapes the VAE encoder costs as much as the UNet's forward and backward).
+    `encode(inputs) -> tuple of (B, ...) tensors`; at most `max_items` rows are kept (later ones are computed anew)."""
+
+    def __init__(self, encode: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], max_items: int):
+        if max_items < 1:
+            raise ValueError(f"the cache needs room for at least one item, got {max_items}")
+        self.encode, self.max_items, self.store = encode, max_items, {}
+        self.hits = self.misses = 0
+
+    def __call__(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rows = inputs.detach().cpu().contiguous()
+        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in rows]
+        fresh = {}
+        todo = [i for i, key in enumerate(keys) if key not in self.store]
+        if todo:
+            outputs = self.encode(inputs[todo])
+            for j, i in enumerate(todo):
+                fresh[keys[i]] = tuple(out[j].clone() for out in outputs)
+                if len(self.store) < self.max_items:
+                    self.store[keys[i]] = fresh[keys[i]]
+        self.hits, self.misses = self.hits + len(keys) - len(todo), self.misses + len(todo)
+        rows_out = [self.store.get(key) or fresh[key] for key in keys]
+        return tuple(torch.stack(parts) for parts in zip(*rows_out))
+
+
 class UNetObjective(nn.Module):
     """Denoising loss on VAE latents (Ho et al. 2020, Algorithm 1; v-prediction: Salimans & Ho 2022), conditioned on
     a frozen CLIP text encoder, with a uniformly random timestep per sample and optional min-SNR-γ weighting."""
 
     def __init__(self, models: StableDiffusionModels, empty_ids: torch.Tensor, min_snr_gamma: float | None = None,
-                 zero_terminal_snr: bool = False):
+                 zero_terminal_snr: bool = False, cache_items: int = 0):
         super().__init__()
         cfg = models.config
         if cfg.unet.in_channels != cfg.vae.embed_dim or cfg.unet.context_dim != cfg.clip.hidden_size:
@@ -251,21 +280,31 @@ class UNetObjective(nn.Module):
         self.schedule = DiscreteSchedule.scaled_linear(zero_terminal_snr=zero_terminal_snr)
         self.prediction_type, self.min_snr_gamma = cfg.prediction_type, min_snr_gamma
         self.empty_ids = empty_ids  # (1, L) ids of "", the unconditional prompt for guided previews (not a weight)
+        # cache_items > 0: remember the frozen encoders' outputs per image and per caption (see EncodingCache)
+        self.latent_cache = self.text_cache = None
+        if cache_items:
+            self.latent_cache = EncodingCache(self._encode_images, cache_items)
+            self.text_cache = EncodingCache(lambda ids: (self.models.text_encoder(ids),), cache_items)
+
+    def _encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.models.vae.encode(images)
+        return posterior.mean, posterior.std
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         images, device = batch["image"], batch["image"].device
         generators = seeded_generators(batch["seed"])
         t = torch.cat([torch.randint(self.schedule.num_train_timesteps, (1,), generator=g) for g in generators])
         with torch.no_grad():  # the VAE and the text encoder are frozen
-            posterior = self.models.vae.encode(images)
-            shape = tuple(posterior.mean.shape[1:])
-            z = posterior.mean + posterior.std * seeded_randn(generators, shape, device).to(posterior.mean.dtype)
+            mean, std = self.latent_cache(images) if self.latent_cache else self._encode_images(images)
+            shape = tuple(mean.shape[1:])
+            z = mean + std * seeded_randn(generators, shape, device).to(mean.dtype)
             x0 = z.float() * self.models.config.vae.scale_factor  # (B, 4, h, w) latents of ~unit variance
             noise = seeded_randn(generators, shape, device)
             t = t.to(device)
             x_t = self.schedule.add_noise(x0, noise, t)
             target = self.schedule.training_target(x0, noise, t, self.prediction_type)
-            context = self.models.text_encoder(batch["ids"])  # (B, L, D): the whole sequence, as at inference
+            ids = batch["ids"]  # (B, L) -> context (B, L, D): the whole sequence, as at inference
+            context = self.text_cache(ids)[0] if self.text_cache else self.models.text_encoder(ids)
         per_sample = (self.models.unet(x_t, t, context).float() - target).pow(2).flatten(1).mean(1)  # (B,)
         if self.min_snr_gamma is not None:
             alpha_bar = self.schedule.alphas_cumprod.to(device)[t]
