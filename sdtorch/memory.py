@@ -1,0 +1,95 @@
+"""Give the memory of idle memory-mapped weights back to the OS between the phases of a generation.
+
+A model loaded from a .safetensors file with no cast keeps its weights as views of the file's memory map (see
+checkpoint/formats.py): pages are read on first touch and then count in the process's resident memory for good. A
+generation uses its models one after another (text encoder, then UNet, then VAE), so on the CPU only one of them
+needs to be resident at a time. `release(tensors)` drops the pages of weights that are done for now
+(madvise MADV_DONTNEED): they stay in the OS page cache and fault back in, unchanged, when next used.
+
+Only pages that still mirror their file are dropped. /proc/self/pagemap says page by page whether a page is
+file-backed; a weight written in place (copy-on-write made its pages anonymous memory) or any ordinary tensor is never
+touched, so nothing can change value. Linux only; elsewhere `release` does nothing.
+"""
+import ctypes
+import mmap
+import os
+import sys
+from typing import Iterable
+
+import numpy as np
+import torch
+
+PAGE = mmap.PAGESIZE
+_PRESENT = np.uint64(1 << 63)  # pagemap bits (Documentation/admin-guide/mm/pagemap.rst)
+_FILE_OR_SHARED = np.uint64(1 << 61)
+_SUPPORTED = sys.platform.startswith("linux") and hasattr(mmap, "MADV_DONTNEED")
+
+
+def _page_spans(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
+    """Merged, page-aligned [start, end) address ranges inside the CPU tensors' storages (rounded inwards, so a page
+    shared with memory outside them is left alone)."""
+    spans = []
+    for t in tensors:
+        if t.device.type != "cpu":
+            continue
+        storage = t.untyped_storage()
+        begin, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        begin, end = -(-begin // PAGE) * PAGE, end // PAGE * PAGE
+        if end > begin:
+            spans.append((begin, end))
+    merged: list[list[int]] = []
+    for begin, end in sorted(spans):
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    return [(b, e) for b, e in merged]
+
+
+def _file_pages(pagemap: int, begin: int, end: int) -> np.ndarray:
+    """Per page of [begin, end): True where the page is resident and backed by a file (or shared memory)."""
+    n = (end - begin) // PAGE
+    entries = np.frombuffer(os.pread(pagemap, 8 * n, begin // PAGE * 8), dtype=np.uint64)
+    return ((entries & _PRESENT) != 0) & ((entries & _FILE_OR_SHARED) != 0)
+
+
+def resident_file_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors' pages that are resident and file-backed (what `release` would drop)."""
+    if not _SUPPORTED:
+        return 0
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        return sum(int(_file_pages(fd, b, e).sum()) * PAGE for b, e in _page_spans(tensors))
+    finally:
+        os.close(fd)
+
+
+def release(tensors: Iterable[torch.Tensor]) -> int:
+    """Drop the resident, file-backed pages of `tensors` from this process (they fault back in on use); returns the
+    bytes released. Tensors in ordinary memory, on other devices, or written since they were mapped are kept."""
+    if not _SUPPORTED:
+        return 0
+    released = 0
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        for begin, end in _page_spans(tensors):
+            droppable = _file_pages(fd, begin, end).astype(np.int8)
+            edges = np.flatnonzero(np.diff(np.concatenate(([0], droppable, [0]))))  # run starts, run ends
+            for first, last in zip(edges[::2], edges[1::2]):
+                address, length = begin + int(first) * PAGE, int(last - first) * PAGE
+                if _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), mmap.MADV_DONTNEED) == 0:
+                    released += length
+    finally:
+        os.close(fd)
+    return released
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return _LIBC

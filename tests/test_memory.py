@@ -1,0 +1,54 @@
+"""Releasing memory-mapped weights: pages go, values stay, written or ordinary memory is never dropped."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdtorch.checkpoint.formats import SafetensorsFile, write_safetensors
+from sdtorch.memory import PAGE, release, resident_file_bytes
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pagemap and madvise are Linux's")
+
+
+def _mapped(tmp_path: Path, n: int = 3) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """n tensors of 64 pages each: the originals, and zero-copy views of them in a memory-mapped safetensors file."""
+    numel = 64 * PAGE // 4
+    tensors = {f"w{i}": torch.arange(numel, dtype=torch.float32) * (i + 1) for i in range(n)}
+    path = tmp_path / "w.safetensors"
+    write_safetensors(tensors, path, {})
+    reader = SafetensorsFile(path)
+    loaded = {name: ref.load(torch.float32, torch.device("cpu")) for name, ref in reader.tensors().items()}
+    reader.close()
+    return tensors, loaded
+
+
+def test_release_drops_mapped_pages_and_keeps_values(tmp_path):
+    expected, loaded = _mapped(tmp_path)
+    weights = list(loaded.values())
+    assert resident_file_bytes(weights) == 0  # nothing touched yet: mapping reads nothing
+    sums = [w.sum().item() for w in weights]  # touch every page
+    touched = resident_file_bytes(weights)
+    assert touched >= 3 * 62 * PAGE  # all but the partial pages at the edges of the data
+    assert release(weights) == touched
+    assert resident_file_bytes(weights) == 0
+    for name, w in loaded.items():  # read back from the page cache, bit for bit
+        assert torch.equal(w, expected[name])
+    assert [w.sum().item() for w in weights] == sums
+
+
+def test_written_weights_and_ordinary_memory_are_never_dropped(tmp_path):
+    expected, loaded = _mapped(tmp_path)
+    w0, w1 = loaded["w0"], loaded["w1"]
+    w1.sum()
+    w0.add_(1.0)  # copy-on-write: w0's pages are now this process's own memory, holding values the file lacks
+    assert resident_file_bytes([w0]) == 0
+    ordinary = torch.randn(64 * PAGE // 4)
+    before = ordinary.clone()
+    w1_resident = resident_file_bytes([w1])
+    assert w1_resident > 0
+    assert release([w0, w1, ordinary]) == w1_resident  # only w1's pages went
+    assert resident_file_bytes([w1]) == 0
+    assert torch.equal(w0, expected["w0"] + 1.0)
+    assert torch.equal(w1, expected["w1"])
+    assert torch.equal(ordinary, before)
