@@ -7,12 +7,12 @@ mirror the original `ldm.modules.diffusionmodules.openaimodel.UNetModel`, so che
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import UNetConfig
 from .attention import BasicTransformerBlock
 from .norm import GroupNorm32
+from .upsample import Upsample
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -80,21 +80,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
-        # `size` = the matching skip's size, so latents whose sides are not multiples of 8 work (ComfyUI and
-        # diffusers do the same); otherwise exactly 2x nearest, as the original
-        if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=tuple(size), mode="nearest")
-        return self.conv(x)
 
 
 class TimestepEmbedSequential(nn.ModuleList):

@@ -10,6 +10,7 @@ from torch import nn
 from ..config import VAEConfig
 from .attention import attention
 from .norm import GroupNorm32
+from .upsample import Upsample
 
 
 def _norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:
@@ -57,15 +58,6 @@ class Downsample(nn.Module):
         # The original pads right and bottom only (asymmetric), then a padding-0 stride-2 conv; padding=1 would shift
         # the latent grid by half a pixel per level (the "8-pixel shift" bug of some reimplementations).
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class MidBlock(nn.Module):

@@ -1,0 +1,59 @@
+"""The UNet's and the VAE's `Upsample`: 2x nearest-neighbour upsampling, then a 3x3 convolution — computed without
+making the upsampled image.
+
+Output pixel (2i+a, 2j+b) of conv3x3(nearest2x(x)) reads upsampled rows 2i+a-1 .. 2i+a+1, which are input rows
+(i-1, i, i) for a = 0 and (i, i, i+1) for a = 1 (columns alike). So each of the four output phases (a, b) is a 2x2
+convolution of x itself, whose taps are sums of the 3x3 kernel's taps that land on the same input pixel. Four 2x2
+convolutions at the input's size do 16 multiply-adds per weight and input pixel where the 3x3 one on the 4x larger
+image does 36: 2.25x less work for the same result (up to rounding), and no 4x-sized intermediate.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """(O, I, 3, 3) kernel -> (2, 2, O, I, 2, 2): [a][b] is the 2x2 kernel of output phase (row a, column b)."""
+    w = weight.float()  # sum taps in fp32 even for fp16 weights
+
+    def fold(w: torch.Tensor, dim: int) -> torch.Tensor:  # 3 taps along `dim` -> (phase 0, phase 1) x 2 taps
+        t0, t1, t2 = w.unbind(dim)
+        return torch.stack([torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)])
+
+    rows = fold(w, 2)  # (2, O, I, 2, 3)
+    return fold(rows, 4).transpose(0, 1).to(weight.dtype)  # fold columns: (2b, 2a, ...) -> (2a, 2b, O, I, 2, 2)
+
+
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(interpolate(x, scale_factor=2, mode="nearest")) for a 3x3, padding-1 `conv`; keeps x's memory format."""
+    b, _, h, w = x.shape
+    kernels = phase_kernels(conv.weight)
+    padded = F.pad(x, (1, 1, 1, 1))
+    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out_channels = conv.out_channels
+    # the four phases are written interleaved into one tensor that views as (B, C, 2H, 2W)
+    out = x.new_empty((b, h, 2, w, 2, out_channels) if nhwc else (b, out_channels, h, 2, w, 2))
+    for a in (0, 1):
+        for c in (0, 1):
+            phase = F.conv2d(padded[:, :, a:a + h + 1, c:c + w + 1], kernels[a, c], conv.bias)
+            if nhwc:
+                out[:, :, a, :, c, :] = phase.permute(0, 2, 3, 1)
+            else:
+                out[:, :, :, a, :, c] = phase
+    if nhwc:
+        return out.view(b, 2 * h, 2 * w, out_channels).permute(0, 3, 1, 2)
+    return out.view(b, out_channels, 2 * h, 2 * w)
+
+
+class Upsample(nn.Module):
+    """2x nearest upsampling + 3x3 conv (keys: conv.*). `size` (the UNet's matching skip) other than exactly 2x, for
+    latents whose sides are not multiples of 8 (as ComfyUI and diffusers allow), upsamples to that size first."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):
+            return upsample_conv(x, self.conv)
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
