@@ -45,7 +45,11 @@ class AttnBlock(nn.Module):
         n = self.norm(x)
         # (B, C, H, W) -> (B, H·W, C)
         q, k, v = (p(n).flatten(2).transpose(1, 2) for p in (self.q, self.k, self.v))
-        out = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
+        out = attention(q, k, v, heads=1)  # (B, H·W, C)
+        if x.is_contiguous(memory_format=torch.channels_last):  # stay channels-last: (B, H, W, C) is that, as a view
+            out = out.view(b, h, w, c).permute(0, 3, 1, 2)
+        else:
+            out = out.transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
 
