@@ -22,7 +22,7 @@ class CLIError(Exception):
 
 # -- generate -------------------------------------------------------------------------------------------------------
 # width/height None: the model's native resolution (512 for SD 1.x, 64 for the built-in model)
-GENERATE_DEFAULTS = dict(negative="", steps=20, cfg=7.0, sampler="Euler a", schedule=None, seed=-1, width=None,
+GENERATE_DEFAULTS = dict(negative="", steps=20, cfg=7.0, sampler="DPM++ 2M", schedule=None, seed=-1, width=None,
                          height=None, batch=1, strength=None, clip_skip=1)
 
 
@@ -32,7 +32,7 @@ def add_generate(sub) -> None:
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--steps", type=int)
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7)")
-    p.add_argument("--sampler", help='A1111 sampler name, e.g. "Euler a", "DPM++ 2M", "DPM++ 2M Karras"')
+    p.add_argument("--sampler", help='A1111 sampler name (default "DPM++ 2M"), e.g. "Euler a", "DPM++ 2M Karras"')
     p.add_argument("--schedule", help="sigma schedule: normal, karras, exponential, sgm_uniform, simple")
     p.add_argument("--seed", type=int, help="-1 (default) = random; the seed used is printed")
     p.add_argument("--width", type=int, help="default: the model's native resolution")

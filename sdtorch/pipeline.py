@@ -86,7 +86,7 @@ class Settings:
     negative: str = ""
     steps: int = 20
     cfg: float = 7.0
-    sampler: str = "Euler a"
+    sampler: str = "DPM++ 2M"  # A1111 1.9+'s default (with its "Automatic" schedule: Karras)
     schedule: str | None = None  # None: the sampler's default (or the one named in "DPM++ 2M Karras")
     seed: int = -1
     width: int | None = None  # None: the model's native resolution (512 for SD 1.x)

@@ -56,7 +56,7 @@ def test_generate_writes_a_png_with_a1111_parameters(model, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "seed: 5" in r.stdout and str(out) in r.stdout
     text = params_of(out)
-    assert text.startswith("a red circle\nSteps: 2, Sampler: Euler a, Schedule type: Normal, CFG scale: 7, Seed: 5, "
+    assert text.startswith("a red circle\nSteps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 5, "
                            "Size: 32x32, Model hash: ")
     assert "Model: tiny" in text
     assert Image.open(out).size == (32, 32)
