@@ -55,9 +55,9 @@ def _file_pages(pagemap: int, begin: int, end: int) -> np.ndarray:
 
 def resident_file_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the tensors' pages that are resident and file-backed (what `release` would drop)."""
-    if not _SUPPORTED:
+    fd = _open_pagemap()
+    if fd is None:
         return 0
-    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     try:
         return sum(int(_file_pages(fd, b, e).sum()) * PAGE for b, e in _page_spans(tensors))
     finally:
@@ -67,10 +67,10 @@ def resident_file_bytes(tensors: Iterable[torch.Tensor]) -> int:
 def release(tensors: Iterable[torch.Tensor]) -> int:
     """Drop the resident, file-backed pages of `tensors` from this process (they fault back in on use); returns the
     bytes released. Tensors in ordinary memory, on other devices, or written since they were mapped are kept."""
-    if not _SUPPORTED:
+    fd = _open_pagemap()
+    if fd is None:
         return 0
     released = 0
-    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     try:
         for begin, end in _page_spans(tensors):
             droppable = _file_pages(fd, begin, end).astype(np.int8)
@@ -82,6 +82,17 @@ def release(tensors: Iterable[torch.Tensor]) -> int:
     finally:
         os.close(fd)
     return released
+
+
+def _open_pagemap() -> int | None:
+    """A descriptor of /proc/self/pagemap, or None where there is none to read (not Linux, or a sandbox hiding it):
+    then nothing is released, since nothing could be proven safe to drop."""
+    if not _SUPPORTED:
+        return None
+    try:
+        return os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:
+        return None
 
 
 _LIBC = None

@@ -52,3 +52,26 @@ def test_written_weights_and_ordinary_memory_are_never_dropped(tmp_path):
     assert torch.equal(w0, expected["w0"] + 1.0)
     assert torch.equal(w1, expected["w1"])
     assert torch.equal(ordinary, before)
+
+
+def test_without_pagemap_nothing_is_released(tmp_path, monkeypatch):
+    """Where /proc/self/pagemap cannot be read, no page can be proven clean: release does nothing, and says so."""
+    import os
+
+    from sdtorch import memory
+
+    _, loaded = _mapped(tmp_path, n=1)
+    w = loaded["w0"]
+    w.sum()
+    resident = resident_file_bytes([w])
+    real_open = os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path) == "/proc/self/pagemap":
+            raise PermissionError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(memory.os, "open", refuse)
+    assert release([w]) == 0 and resident_file_bytes([w]) == 0  # the "0" of not knowing
+    monkeypatch.undo()
+    assert resident_file_bytes([w]) == resident > 0  # still resident
