@@ -11,6 +11,7 @@ file-backed; a weight written in place (copy-on-write made its pages anonymous m
 touched, so nothing can change value. Linux only; elsewhere `release` does nothing.
 """
 import ctypes
+import functools
 import mmap
 import os
 import sys
@@ -95,12 +96,8 @@ def _open_pagemap() -> int | None:
         return None
 
 
-_LIBC = None
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return _LIBC
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc

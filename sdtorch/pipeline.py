@@ -317,6 +317,7 @@ class Pipeline:
         p = next(vae.parameters())
         image = self._vae_input(image.to(p.device, p.dtype))
         mean = encode_tiled(vae, image) if tiled else vae.encode(image).mean
+        # back to NCHW: the UNet that takes these latents runs slower on channels-last activations
         return (mean.float() * self.config.vae.scale_factor).to(self.device).contiguous()
 
     def decode_latents(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:

@@ -29,7 +29,7 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     b, _, h, w = x.shape
     kernels = phase_kernels(conv.weight)
     padded = F.pad(x, (1, 1, 1, 1))
-    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     out_channels = conv.out_channels
     # the four phases are written interleaved into one tensor that views as (B, C, 2H, 2W)
     out = x.new_empty((b, h, 2, w, 2, out_channels) if nhwc else (b, out_channels, h, 2, w, 2))
