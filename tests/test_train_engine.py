@@ -148,6 +148,21 @@ def test_init_fine_tunes_a_whole_checkpoint(tmp_path):
     assert not torch.equal(tuned.unet.out[2].weight, base.unet.out[2].weight)
 
 
+def test_vae_decoder_only_fine_tune_keeps_the_encoder_and_scale(tmp_path, frozen_parts):
+    """`train vae --init FILE --decoder-only`: the decoder learns; encoder, latent scale and config stay the file's."""
+    base = Path(frozen_parts[3])  # the --vae file
+    out = tmp_path / "ft"
+    argv = _args("vae", out, "--lr", "2e-3", "--data-size", "16", "--init", str(base), "--decoder-only",
+                 "--cache-encodings", "16", steps=4)
+    assert run_train(_parse(argv)) == 0
+    (base_cfg, base_parts), (cfg, parts) = load_parts(base), load_parts(out / "model.safetensors")
+    assert cfg.vae == base_cfg.vae
+    changed = {k for k, v in parts["vae"].items() if not torch.equal(v, base_parts["vae"][k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    with pytest.raises(ValueError, match="holds no VAE"):
+        run_train(_parse(_args("vae", tmp_path / "x", "--init", frozen_parts[1], steps=1)))
+
+
 def test_unet_trainer_needs_clip_and_vae(tmp_path):
     with pytest.raises(ValueError, match="needs a trained text_encoder and vae"):
         run_train(_parse(_args("unet", tmp_path)))

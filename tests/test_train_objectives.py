@@ -106,6 +106,48 @@ def test_vae_loss_is_reconstruction_plus_weighted_kl():
         VAEObjective(cfg, "lpips")
 
 
+def test_decoder_only_vae_trains_the_decoder_alone_and_keeps_the_latent_space():
+    torch.manual_seed(0)
+    cfg = VAEConfig(ch=16, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=8, scale_factor=0.3)
+    full = VAEObjective(cfg, "mse", kl_weight=0.5)
+    frozen = VAEObjective(cfg, "mse", kl_weight=0.5, decoder_only=True, cache_items=8)
+    frozen.load_state_dict(full.state_dict())
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    batch = {"image": images, "seed": torch.tensor([11, 12, 13])}
+    # the same objective value (the KL is a constant of the frozen encoder, still logged)
+    assert frozen(batch)[0].item() == pytest.approx(full(batch)[0].item(), rel=1e-6)
+    optimizer = torch.optim.SGD([p for p in frozen.parameters() if p.requires_grad], lr=0.1)
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    for _ in range(2):  # the second step reads the encoder's posterior from the cache
+        optimizer.zero_grad()
+        frozen(batch)[0].backward()
+        optimizer.step()
+    after = frozen.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("vae.decoder.", "vae.post_quant_conv.")) for k in changed)
+    assert frozen.cache.misses == 3 and frozen.cache.hits == 6  # three calls, the encoder ran in the first only
+    cached = frozen(batch)[0].item()
+    frozen.cache = None
+    assert frozen(batch)[0].item() == pytest.approx(cached, rel=1e-6)
+    frozen.evaluate([batch])
+    assert frozen.scale_factor == 0.3  # the UNets trained on this latent space were trained with this scale
+    with pytest.raises(ValueError, match="frozen encoder"):
+        VAEObjective(cfg, "mse", cache_items=8)
+
+
+def test_vae_without_latent_noise_decodes_the_posterior_mean():
+    torch.manual_seed(0)
+    cfg = VAEConfig(ch=16, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=8)
+    objective = VAEObjective(cfg, "l1", kl_weight=0.5, latent_noise=0.0)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    loss, _ = objective({"image": images, "seed": torch.tensor([11, 12])})
+    posterior = objective.vae.encode(images)
+    expected = F.l1_loss(objective.vae.decode(posterior.mean), images) + 0.5 * posterior.kl().mean() / (3 * 32 * 32)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="latent_noise"):
+        VAEObjective(cfg, latent_noise=-1.0)
+
+
 def test_seeded_noise_depends_only_on_each_samples_seed():
     a = seeded_randn(seeded_generators(torch.tensor([5, 6, 7])), (2, 3), torch.device("cpu"))
     b = seeded_randn(seeded_generators(torch.tensor([7])), (2, 3), torch.device("cpu"))
@@ -129,19 +171,21 @@ def test_min_snr_weights_match_diffusers_recipe(prediction_type):
     assert min_snr_weight(torch.tensor([0.0]), 5.0, "epsilon").item() == 1.0  # zero terminal SNR stays finite
 
 
-def _unet_objective(prediction_type="epsilon", gamma=None, cache_items=0):
+def _unet_objective(prediction_type="epsilon", gamma=None, cache_items=0, latent_noise=1.0):
     models = tiny_models(TINY.replace(prediction_type=prediction_type))
     empty = CLIPTokenizer.default()([""])
-    return UNetObjective(models, empty, min_snr_gamma=gamma, cache_items=cache_items)
+    return UNetObjective(models, empty, min_snr_gamma=gamma, cache_items=cache_items, latent_noise=latent_noise)
 
 
-@pytest.mark.parametrize("prediction_type,gamma", [("epsilon", None), ("v_prediction", 5.0)])
-def test_unet_loss_matches_diffusers_training_step(prediction_type, gamma):
-    """diffusers' train_text_to_image step on the same latents, noise and timesteps gives the same loss."""
+@pytest.mark.parametrize("prediction_type,gamma,latent_noise", [("epsilon", None, 1.0), ("v_prediction", 5.0, 1.0),
+                                                                ("epsilon", None, 0.0)])
+def test_unet_loss_matches_diffusers_training_step(prediction_type, gamma, latent_noise):
+    """diffusers' train_text_to_image step on the same latents, noise and timesteps gives the same loss (with
+    latent_noise 0, on the posterior mean: the latents of a VAE trained without sampling)."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
-    objective = _unet_objective(prediction_type, gamma)
+    objective = _unet_objective(prediction_type, gamma, latent_noise=latent_noise)
     models, cfg = objective.models, objective.models.config
     unet = diffusers_unet(prefixed("unet", models.unet.state_dict()), cfg)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -158,7 +202,7 @@ def test_unet_loss_matches_diffusers_training_step(prediction_type, gamma):
     eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in gens])
     noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in gens])
     with torch.no_grad():
-        latents = (posterior.mean + posterior.std * eps) * cfg.vae.scale_factor
+        latents = (posterior.mean + latent_noise * posterior.std * eps) * cfg.vae.scale_factor
         noisy = scheduler.add_noise(latents, noise, t)
         target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
         pred = unet(noisy, t, models.text_encoder(ids)).sample

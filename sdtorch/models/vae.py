@@ -167,8 +167,12 @@ class DiagonalGaussian:
         return self.mean + self.std * noise
 
     def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) per sample, summed over latent dimensions."""
-        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+        return gaussian_kl(self.mean, self.logvar)
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per sample, summed over latent dimensions (Kingma & Welling 2014, app. B)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))
 
 
 class AutoencoderKL(nn.Module):

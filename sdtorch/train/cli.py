@@ -53,6 +53,14 @@ def add_train_parser(subparsers) -> None:
         elif kind == "vae":
             k.add_argument("--loss", choices=["l1", "mse"], default="l1", help="reconstruction loss")
             k.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight, relative to a summed loss")
+            k.add_argument("--init", help="a VAE (or SD checkpoint) whose VAE to fine-tune; its config wins")
+            k.add_argument("--decoder-only", action="store_true",
+                           help="freeze the encoder: the latent space (and UNets trained on it) stays valid")
+            k.add_argument("--cache-encodings", type=int, default=0, metavar="N",
+                           help="with --decoder-only: remember the frozen encoder's posterior for up to N images")
+            k.add_argument("--latent-noise", type=float, default=1.0, metavar="S",
+                           help="decode mean + S·std·noise: 1 samples the posterior (SD), 0 decodes its mean (no "
+                                "latent channel lost to noise; then train the UNet with the same --latent-noise)")
         else:
             k.add_argument("--clip", help="text encoder file (from `sdtorch train clip`), frozen")
             k.add_argument("--vae", help="VAE file (from `sdtorch train vae`), frozen")
@@ -65,6 +73,8 @@ def add_train_parser(subparsers) -> None:
             k.add_argument("--cache-encodings", type=int, default=0, metavar="N",
                            help="remember the frozen VAE's and text encoder's outputs for up to N images and N "
                                 "captions (about 25 KB each at 64x64): for several epochs over a fixed pool")
+            k.add_argument("--latent-noise", type=float, default=1.0, metavar="S",
+                           help="latents are mean + S·std·noise of the VAE's posterior: use the VAE's own value")
 
 
 def _add_common(p: argparse.ArgumentParser, kind: str) -> None:
@@ -192,11 +202,22 @@ def build_objective(args) -> tuple[torch.nn.Module, Collate]:
                      num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads)
         return CLIPObjective(text, CLIPVisionConfig(**{**tower, **vision}), args.projection_dim), text_collate(cfg)
     if args.objective == "vae":
-        return VAEObjective(ModelConfig.from_dict(settings).vae, args.loss, args.kl_weight), Collate()
+        cfg, state = ModelConfig.from_dict(settings).vae, None
+        if args.init:
+            loaded_cfg, parts = load_parts(args.init)
+            if "vae" not in parts:
+                raise ValueError(f"{args.init} holds no VAE weights")
+            cfg, state = loaded_cfg.vae, parts["vae"]
+        objective = VAEObjective(cfg, args.loss, args.kl_weight, args.decoder_only, args.cache_encodings,
+                                 args.latent_noise)
+        if state is not None:
+            _load_state(objective.vae, state, "vae", args.init)
+        return objective, Collate()
     models = build_unet_models(args, settings)
     collate = text_collate(models.config)
     empty_ids = collate.tokenizer([""], max_length=collate.max_length)  # (1, L): the unconditional prompt
-    objective = UNetObjective(models, empty_ids, args.min_snr_gamma, args.zero_terminal_snr, args.cache_encodings)
+    objective = UNetObjective(models, empty_ids, args.min_snr_gamma, args.zero_terminal_snr, args.cache_encodings,
+                              args.latent_noise)
     if args.grad_checkpointing:
         unet = models.unet
         use_gradient_checkpointing([*unet.input_blocks, unet.middle_block, *unet.output_blocks])

@@ -27,6 +27,7 @@ from ..diffusion.samplers import get_sampler, get_sigmas
 from ..diffusion.schedule import DiscreteSchedule
 from ..models import AutoencoderKL, CLIPTextModel, StableDiffusionModels
 from ..models.stable_diffusion import PREFIXES
+from ..models.vae import gaussian_kl
 from .engine import atomic_file
 from .image_encoder import CLIPVisionConfig, CLIPVisionTransformer
 
@@ -100,6 +101,34 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return -10 * torch.log10(mse.clamp(min=1e-10))
 
 
+class EncodingCache:
+    """Memo of a frozen encoder's outputs, keyed by the bytes of each input row: a UNet run over a fixed pool of
+    images and captions sees each of them once per epoch, and the frozen VAE and text encoder would otherwise redo the
+    same work every time (on 64x64 shapes the VAE encoder costs as much as the UNet's forward and backward).
+    `encode(inputs) -> tuple of (B, ...) tensors`; at most `max_items` rows are kept (later ones are computed anew)."""
+
+    def __init__(self, encode: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], max_items: int):
+        if max_items < 1:
+            raise ValueError(f"the cache needs room for at least one item, got {max_items}")
+        self.encode, self.max_items, self.store = encode, max_items, {}
+        self.hits = self.misses = 0
+
+    def __call__(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rows = inputs.detach().cpu().contiguous()
+        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in rows]
+        fresh = {}
+        todo = [i for i, key in enumerate(keys) if key not in self.store]
+        if todo:
+            outputs = self.encode(inputs[todo])
+            for j, i in enumerate(todo):
+                fresh[keys[i]] = tuple(out[j].clone() for out in outputs)
+                if len(self.store) < self.max_items:
+                    self.store[keys[i]] = fresh[keys[i]]
+        self.hits, self.misses = self.hits + len(keys) - len(todo), self.misses + len(todo)
+        rows_out = [self.store.get(key) or fresh[key] for key in keys]
+        return tuple(torch.stack(parts) for parts in zip(*rows_out))
+
+
 # ---- CLIP ------------------------------------------------------------------------------------------------------------
 
 class CLIPObjective(nn.Module):
@@ -161,31 +190,55 @@ class CLIPObjective(nn.Module):
 # ---- VAE -------------------------------------------------------------------------------------------------------------
 
 class VAEObjective(nn.Module):
-    """Reconstruction + β·KL (Kingma & Welling 2014; Rombach et al. 2022, sec. 3 without the GAN and LPIPS terms)."""
+    """Reconstruction + β·KL (Kingma & Welling 2014; Rombach et al. 2022, sec. 3 without the GAN and LPIPS terms).
 
-    def __init__(self, cfg: VAEConfig, reconstruction: str = "l1", kl_weight: float = 1e-6):
+    decoder_only: the encoder is frozen and only the decoder learns (as Stability fine-tuned SD's ft-MSE VAE), so the
+    latent space, and every UNet trained on it, stays valid; the KL term is then a constant and is only logged.
+    cache_items > 0 (decoder_only): remember the frozen encoder's posterior per image (see EncodingCache).
+    latent_noise: z = mean + latent_noise·std·ε. 1 is the VAE's sample (SD); 0 decodes the posterior mean, an
+    autoencoder with no noise, in which no latent channel can drown in noise and be given up by the decoder
+    (posterior collapse). A UNet must then be trained on the same latents (`UNetObjective(latent_noise=0)`).
+    """
+
+    def __init__(self, cfg: VAEConfig, reconstruction: str = "l1", kl_weight: float = 1e-6,
+                 decoder_only: bool = False, cache_items: int = 0, latent_noise: float = 1.0):
         super().__init__()
         if reconstruction not in ("l1", "mse"):
             raise ValueError(f"reconstruction loss must be 'l1' or 'mse', got {reconstruction!r}")
         if kl_weight < 0:
             raise ValueError(f"kl_weight must be non-negative, got {kl_weight}")
+        if latent_noise < 0:
+            raise ValueError(f"latent_noise must be non-negative, got {latent_noise}")
+        if cache_items and not decoder_only:
+            raise ValueError("only a frozen encoder's outputs can be cached: use cache_items with decoder_only")
         self.vae = AutoencoderKL(cfg)
-        self.reconstruction, self.kl_weight = reconstruction, kl_weight
+        self.reconstruction, self.kl_weight, self.decoder_only = reconstruction, kl_weight, decoder_only
+        self.latent_noise = latent_noise
         self.scale_factor = cfg.scale_factor  # replaced by 1/std of the held-out latents at each evaluation
+        if decoder_only:
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
+        self.cache = EncodingCache(self._posterior, cache_items) if cache_items else None
+
+    def _posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(images)
+        return posterior.mean, posterior.logvar
 
     def _latents(self, images: torch.Tensor, seeds: torch.Tensor):
-        posterior = self.vae.encode(images)
-        eps = seeded_randn(seeded_generators(seeds), tuple(posterior.mean.shape[1:]), images.device)
-        return posterior, posterior.mean + posterior.std * eps.to(posterior.mean.dtype)  # z ~ q(z|x), reparameterized
+        """(mean, logvar) of q(z|x) and z ~ q(z|x), reparameterized (its noise scaled by latent_noise)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
+            mean, logvar = self.cache(images) if self.cache is not None else self._posterior(images)
+        eps = seeded_randn(seeded_generators(seeds), tuple(mean.shape[1:]), images.device)
+        return mean, logvar, mean + self.latent_noise * torch.exp(0.5 * logvar) * eps.to(mean.dtype)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         images = batch["image"]
-        posterior, z = self._latents(images, batch["seed"])
+        mean, logvar, z = self._latents(images, batch["seed"])
         recon = self.vae.decode(z).float()
         rec = (recon - images).abs().mean() if self.reconstruction == "l1" else (recon - images).pow(2).mean()
         # LDM sums the reconstruction over pixels and the KL over latent entries, with weight 1e-6; we average the
         # reconstruction per pixel value, so dividing the summed KL by the same count keeps its ratio for that weight.
-        kl = posterior.kl().float().mean() / images[0].numel()
+        kl = gaussian_kl(mean, logvar).float().mean() / images[0].numel()
         loss = rec + self.kl_weight * kl
         return loss, {"loss": loss.detach(), "reconstruction": rec.detach(), "kl": kl.detach()}
 
@@ -195,11 +248,12 @@ class VAEObjective(nn.Module):
         latents, the rule behind SD's 0.18215 (Rombach et al. 2022, sec. 4.3.2), so the UNet sees ~unit variance."""
         psnr, latents = [], []
         for batch in batches:
-            posterior, z = self._latents(batch["image"], batch["seed"])
-            psnr.append(_psnr(self.vae.decode(posterior.mean).float(), batch["image"]))
+            mean, _, z = self._latents(batch["image"], batch["seed"])
+            psnr.append(_psnr(self.vae.decode(mean).float(), batch["image"]))
             latents.append(z.float().flatten())
         std = torch.cat(latents).std().item()
-        self.scale_factor = 1.0 / std
+        if not self.decoder_only:  # a frozen encoder keeps the scale its UNets were trained with
+            self.scale_factor = 1.0 / std
         return {"psnr": torch.cat(psnr).mean().item(), "latent_std": std, "scale_factor": self.scale_factor}
 
     @torch.no_grad()
@@ -233,40 +287,12 @@ def use_gradient_checkpointing(blocks: Iterable[nn.Module]) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-class EncodingCache:
-    """Memo of a frozen encoder's outputs, keyed by the bytes of each input row: a UNet run over a fixed pool of
-    images and captions sees each of them once per epoch, and the frozen VAE and text encoder would otherwise redo the
-    same work every time (on 64x64 shapes the VAE encoder costs as much as the UNet's forward and backward).
-    `encode(inputs) -> tuple of (B, ...) tensors`; at most `max_items` rows are kept (later ones are computed anew)."""
-
-    def __init__(self, encode: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], max_items: int):
-        if max_items < 1:
-            raise ValueError(f"the cache needs room for at least one item, got {max_items}")
-        self.encode, self.max_items, self.store = encode, max_items, {}
-        self.hits = self.misses = 0
-
-    def __call__(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        rows = inputs.detach().cpu().contiguous()
-        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in rows]
-        fresh = {}
-        todo = [i for i, key in enumerate(keys) if key not in self.store]
-        if todo:
-            outputs = self.encode(inputs[todo])
-            for j, i in enumerate(todo):
-                fresh[keys[i]] = tuple(out[j].clone() for out in outputs)
-                if len(self.store) < self.max_items:
-                    self.store[keys[i]] = fresh[keys[i]]
-        self.hits, self.misses = self.hits + len(keys) - len(todo), self.misses + len(todo)
-        rows_out = [self.store.get(key) or fresh[key] for key in keys]
-        return tuple(torch.stack(parts) for parts in zip(*rows_out))
-
-
 class UNetObjective(nn.Module):
     """Denoising loss on VAE latents (Ho et al. 2020, Algorithm 1; v-prediction: Salimans & Ho 2022), conditioned on
     a frozen CLIP text encoder, with a uniformly random timestep per sample and optional min-SNR-γ weighting."""
 
     def __init__(self, models: StableDiffusionModels, empty_ids: torch.Tensor, min_snr_gamma: float | None = None,
-                 zero_terminal_snr: bool = False, cache_items: int = 0):
+                 zero_terminal_snr: bool = False, cache_items: int = 0, latent_noise: float = 1.0):
         super().__init__()
         cfg = models.config
         if cfg.unet.in_channels != cfg.vae.embed_dim or cfg.unet.context_dim != cfg.clip.hidden_size:
@@ -274,7 +300,9 @@ class UNetObjective(nn.Module):
                              f"not fit the VAE (embed_dim {cfg.vae.embed_dim}) and CLIP (width {cfg.clip.hidden_size})")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
-        self.models = models
+        if latent_noise < 0:
+            raise ValueError(f"latent_noise must be non-negative, got {latent_noise}")
+        self.models, self.latent_noise = models, latent_noise  # latent_noise: as the VAE was trained (VAEObjective)
         models.vae.requires_grad_(False)
         models.text_encoder.requires_grad_(False)
         self.schedule = DiscreteSchedule.scaled_linear(zero_terminal_snr=zero_terminal_snr)
@@ -297,7 +325,7 @@ class UNetObjective(nn.Module):
         with torch.no_grad():  # the VAE and the text encoder are frozen
             mean, std = self.latent_cache(images) if self.latent_cache else self._encode_images(images)
             shape = tuple(mean.shape[1:])
-            z = mean + std * seeded_randn(generators, shape, device).to(mean.dtype)
+            z = mean + self.latent_noise * std * seeded_randn(generators, shape, device).to(mean.dtype)
             x0 = z.float() * self.models.config.vae.scale_factor  # (B, 4, h, w) latents of ~unit variance
             noise = seeded_randn(generators, shape, device)
             t = t.to(device)
