@@ -101,3 +101,27 @@ def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
+
+
+# ---- the allocator ---------------------------------------------------------------------------------------------------
+# glibc serves every block above its mmap threshold (at most 32 MB, often far less) with a fresh mmap and unmaps it on
+# free; the kernel then zero-fills every page of the next such block on first touch. A UNet step at 64x64 latents
+# (512x512 images) allocates and frees gigabytes of such activations: 630k page faults (2.5 GB zeroed) per step on this
+# CPU. Keeping freed blocks in the heap for reuse removed them (10.6 -> 9.9 s a step, measured in one process).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
+MMAP_THRESHOLD = 1 << 30  # blocks below 1 GiB come from the heap
+TRIM_THRESHOLD = 1 << 31  # the heap keeps up to 2 GiB of free memory at its top instead of returning it at once
+
+
+@functools.cache
+def keep_freed_blocks() -> bool:
+    """Tune glibc's malloc (process-wide, once) so that large freed blocks are reused rather than unmapped and
+    faulted in again; returns whether it applied (glibc on Linux only). The pipeline calls it for CPU generation."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = _libc().mallopt
+    except AttributeError:  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

@@ -145,6 +145,8 @@ class Pipeline:
         side_dtype = torch.float32 if side.type == "cpu" else self.dtype
         self.text_encoder.to(side, side_dtype)
         self.vae.to(side, side_dtype)
+        if self.device.type == "cpu":
+            memory.keep_freed_blocks()  # large activations reused, not faulted in afresh at every step
         return self
 
     def _done_with(self, model: torch.nn.Module) -> None:
