@@ -153,6 +153,17 @@ def _load_state(module: torch.nn.Module, state: dict, what: str, path: str) -> N
                          f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
 
 
+PART_LABELS = {"text_encoder": "text encoder", "vae": "VAE", "unet": "UNet"}
+
+
+def load_part(path: str, part: str) -> tuple[ModelConfig, dict]:
+    """(config, state dict) of one part of a native file (`sdtorch train clip|vae`'s, or a whole model's)."""
+    config, parts = load_parts(path)
+    if part not in parts:
+        raise ValueError(f"{path} holds no {PART_LABELS[part]} weights")
+    return config, parts[part]
+
+
 def build_unet_models(args, settings: dict) -> StableDiffusionModels:
     """The UNet's model: --init's (for fine-tuning) or a new UNet, with the frozen text encoder and VAE from
     --clip/--vae (or --init); a new UNet's input width and context width follow the VAE and the text encoder."""
@@ -164,11 +175,9 @@ def build_unet_models(args, settings: dict) -> StableDiffusionModels:
         files.update({part: (args.init, getattr(loaded.models, part).state_dict()) for part in PREFIXES})
     for flag, part, field in ((args.clip, "text_encoder", "clip"), (args.vae, "vae", "vae")):
         if flag:
-            loaded_cfg, parts = load_parts(flag)
-            if part not in parts:
-                raise ValueError(f"{flag} holds no {part} weights")
+            loaded_cfg, state = load_part(flag, part)
             cfg = cfg.replace(**{field: getattr(loaded_cfg, field)})
-            files[part] = (flag, parts[part])
+            files[part] = (flag, state)
     missing = [p for p in ("text_encoder", "vae") if p not in files]
     if missing:
         raise ValueError(f"the UNet trainer needs a trained {' and '.join(missing)}: give --clip and --vae (files "
@@ -204,10 +213,8 @@ def build_objective(args) -> tuple[torch.nn.Module, Collate]:
     if args.objective == "vae":
         cfg, state = ModelConfig.from_dict(settings).vae, None
         if args.init:
-            loaded_cfg, parts = load_parts(args.init)
-            if "vae" not in parts:
-                raise ValueError(f"{args.init} holds no VAE weights")
-            cfg, state = loaded_cfg.vae, parts["vae"]
+            loaded_cfg, state = load_part(args.init, "vae")
+            cfg = loaded_cfg.vae
         objective = VAEObjective(cfg, args.loss, args.kl_weight, args.decoder_only, args.cache_encodings,
                                  args.latent_noise)
         if state is not None:

@@ -72,6 +72,20 @@ def seeded_randn(generators: list[torch.Generator], shape: tuple[int, ...], devi
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
+def posterior_moments(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, logvar) of the VAE posterior q(z|x): what EncodingCache keeps for a frozen encoder."""
+    posterior = vae.encode(images)
+    return posterior.mean, posterior.logvar
+
+
+def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, noise_scale: float, generators: list[torch.Generator],
+                   device: torch.device) -> torch.Tensor:
+    """z = mean + noise_scale·std·ε, ε from each sample's generator (the reparameterization, Kingma & Welling 2014;
+    noise_scale 1 is q(z|x) itself, 0 its mean: the VAE's and its UNets' --latent-noise)."""
+    eps = seeded_randn(generators, tuple(mean.shape[1:]), device)
+    return mean + noise_scale * torch.exp(0.5 * logvar) * eps.to(mean.dtype)
+
+
 def _world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
@@ -218,18 +232,15 @@ class VAEObjective(nn.Module):
         if decoder_only:
             self.vae.encoder.requires_grad_(False)
             self.vae.quant_conv.requires_grad_(False)
-        self.cache = EncodingCache(self._posterior, cache_items) if cache_items else None
-
-    def _posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(images)
-        return posterior.mean, posterior.logvar
+        encode = functools.partial(posterior_moments, self.vae)
+        self.cache = EncodingCache(encode, cache_items) if cache_items else None
 
     def _latents(self, images: torch.Tensor, seeds: torch.Tensor):
         """(mean, logvar) of q(z|x) and z ~ q(z|x), reparameterized (its noise scaled by latent_noise)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
-            mean, logvar = self.cache(images) if self.cache is not None else self._posterior(images)
-        eps = seeded_randn(seeded_generators(seeds), tuple(mean.shape[1:]), images.device)
-        return mean, logvar, mean + self.latent_noise * torch.exp(0.5 * logvar) * eps.to(mean.dtype)
+            mean, logvar = self.cache(images) if self.cache is not None else posterior_moments(self.vae, images)
+        z = sample_latents(mean, logvar, self.latent_noise, seeded_generators(seeds), images.device)
+        return mean, logvar, z
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         images = batch["image"]
@@ -311,21 +322,18 @@ class UNetObjective(nn.Module):
         # cache_items > 0: remember the frozen encoders' outputs per image and per caption (see EncodingCache)
         self.latent_cache = self.text_cache = None
         if cache_items:
-            self.latent_cache = EncodingCache(self._encode_images, cache_items)
+            self.latent_cache = EncodingCache(functools.partial(posterior_moments, models.vae), cache_items)
             self.text_cache = EncodingCache(lambda ids: (self.models.text_encoder(ids),), cache_items)
-
-    def _encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.models.vae.encode(images)
-        return posterior.mean, posterior.std
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         images, device = batch["image"], batch["image"].device
         generators = seeded_generators(batch["seed"])
         t = torch.cat([torch.randint(self.schedule.num_train_timesteps, (1,), generator=g) for g in generators])
         with torch.no_grad():  # the VAE and the text encoder are frozen
-            mean, std = self.latent_cache(images) if self.latent_cache else self._encode_images(images)
+            mean, logvar = (self.latent_cache(images) if self.latent_cache
+                            else posterior_moments(self.models.vae, images))
             shape = tuple(mean.shape[1:])
-            z = mean + self.latent_noise * std * seeded_randn(generators, shape, device).to(mean.dtype)
+            z = sample_latents(mean, logvar, self.latent_noise, generators, device)
             x0 = z.float() * self.models.config.vae.scale_factor  # (B, 4, h, w) latents of ~unit variance
             noise = seeded_randn(generators, shape, device)
             t = t.to(device)
