@@ -76,6 +76,23 @@ def test_items_depend_only_on_seed_and_index():
     assert example(7, 4, size=32)[1] == example(7, 4, size=256)[1]
 
 
+def test_two_shapes_share_is_a_training_knob_the_default_of_which_is_the_evaluations():
+    def two_shape_share(dataset):
+        return sum(" and a" in dataset[i][1] for i in range(len(dataset))) / len(dataset)
+
+    assert two_shape_share(ShapesDataset(400, seed=2, two_shapes_prob=1.0)) == 1.0
+    assert two_shape_share(ShapesDataset(400, seed=2, two_shapes_prob=0.0)) == 0.0
+    assert 0.6 < two_shape_share(ShapesDataset(400, seed=2, two_shapes_prob=0.7)) < 0.8  # 0.7 ± 4.4 s.d.
+    default = ShapesDataset(50, seed=2)
+    assert all(default[i][1] == example(2, i)[1] for i in range(50))  # what `sdtorch eval shapes` draws
+    # the share decides only how many shapes: a scene drawn with one shape under both shares is the same scene
+    more = ShapesDataset(50, seed=2, two_shapes_prob=0.7)
+    same = [i for i in range(50) if " and a" not in more[i][1] and " and a" not in default[i][1]]
+    assert same and all(more[i][1] == default[i][1] for i in same)
+    with pytest.raises(ValueError, match="two-shape"):
+        ShapesDataset(5, two_shapes_prob=1.5)
+
+
 def test_shape_colour_never_equals_background():
     scenes = _scenes(2000)
     assert all(s.color != scene.background for scene in scenes for s in scene.shapes)

@@ -21,6 +21,7 @@ from .data import Collate, TrainItems, TrainTransform, open_source, split_holdou
 from .engine import PRECISIONS, TrainConfig, train
 from .image_encoder import CLIPVisionConfig
 from .objectives import CLIPObjective, UNetObjective, VAEObjective, load_parts, use_gradient_checkpointing
+from .shapes import TWO_SHAPES_PROB
 
 TINY = ModelConfig(
     unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2, 4),
@@ -82,6 +83,8 @@ def _add_common(p: argparse.ArgumentParser, kind: str) -> None:
     o = OBJECTIVE_DEFAULTS[kind]
     p.add_argument("--data", required=True, help='a folder of captioned images, or "shapes" (procedural)')
     p.add_argument("--data-size", type=int, default=0, help="number of items of --data shapes")
+    p.add_argument("--two-shapes", type=float, default=TWO_SHAPES_PROB, metavar="P",
+                   help="--data shapes: share of two-shape scenes (the default is what the evaluation draws)")
     p.add_argument("--resolution", type=int, default=64, help="training images are size x size")
     p.add_argument("--random-crop", action="store_true", help="random instead of center crops")
     p.add_argument("--flip", action="store_true", help="random horizontal flips (they break 'on the left' captions)")
@@ -247,7 +250,7 @@ def run_train(args) -> int:
     cfg.validate()
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run with this seed
     objective, collate = build_objective(args)
-    source = open_source(args.data, args.data_size, args.resolution, args.seed)
+    source = open_source(args.data, args.data_size, args.resolution, args.seed, args.two_shapes)
     train_part, holdout_part = split_holdout(source, args.holdout, args.seed)
     train_items = TrainItems(train_part, TrainTransform(args.resolution, args.random_crop, args.flip,
                                                         args.caption_dropout))

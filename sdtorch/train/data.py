@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .shapes import ShapesDataset
+from .shapes import TWO_SHAPES_PROB, ShapesDataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -200,12 +200,14 @@ class Collate:
         return batch
 
 
-def open_source(data: str, data_size: int = 0, resolution: int = 64, seed: int = 0) -> Dataset:
-    """The (PIL image, caption) source named by `data`: a folder path, or "shapes" for `data_size` procedural items."""
+def open_source(data: str, data_size: int = 0, resolution: int = 64, seed: int = 0,
+                two_shapes_prob: float = TWO_SHAPES_PROB) -> Dataset:
+    """The (PIL image, caption) source named by `data`: a folder path, or "shapes" for `data_size` procedural items
+    (`two_shapes_prob` of them with two shapes)."""
     if data == "shapes":
         if data_size < 1:
             raise ValueError("--data shapes needs --data-size N (the number of procedural items), N >= 1")
-        return ShapesDataset(data_size, seed=seed, size=resolution)
+        return ShapesDataset(data_size, seed=seed, size=resolution, two_shapes_prob=two_shapes_prob)
     return ImageCaptionFolder(data)
 
 
@@ -215,7 +217,8 @@ def split_holdout(source: Dataset, count: int, seed: int = 0) -> tuple[Dataset, 
     if count < 0:
         raise ValueError(f"held-out count must be non-negative, got {count}")
     if isinstance(source, ShapesDataset):
-        return source, ShapesDataset(count, seed=source.seed + 1_000_003, size=source.size)
+        return source, ShapesDataset(count, seed=source.seed + 1_000_003, size=source.size,
+                                     two_shapes_prob=source.two_shapes_prob)
     if count >= len(source):
         raise ValueError(f"cannot hold out {count} of {len(source)} items and still train: lower --holdout")
     order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()

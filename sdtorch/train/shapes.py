@@ -274,20 +274,24 @@ def render(scene: SceneSpec, size: int = 64, rng: random.Random | None = None, a
     return image.reduce(scale) if scale > 1 else image
 
 
-def example(seed: int, index: int, size: int = 64) -> tuple[Image.Image, str]:
+def example(seed: int, index: int, size: int = 64, two_shapes_prob: float = TWO_SHAPES_PROB) -> tuple[Image.Image, str]:
     """Item `index` of the data set with `seed`: the same image and caption every time, at any size."""
     rng = random.Random(f"sdtorch-shapes:{seed}:{index}")  # str seeds hash with SHA-512: stable across runs
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, two_shapes_prob)
     return render(scene, size, rng), caption(scene)
 
 
 class ShapesDataset(Dataset):
-    """`length` items of the shapes data: (PIL RGB image, caption); item i depends only on (seed, i, size)."""
+    """`length` items of the shapes data: (PIL RGB image, caption); item i depends only on (seed, i, size) and the
+    share of two-shape scenes (the evaluation always draws TWO_SHAPES_PROB; a trainer may show more of the harder
+    two-shape scenes)."""
 
-    def __init__(self, length: int, seed: int = 0, size: int = 64):
+    def __init__(self, length: int, seed: int = 0, size: int = 64, two_shapes_prob: float = TWO_SHAPES_PROB):
         if length < 0:
             raise ValueError(f"length must be non-negative, got {length}")
-        self.length, self.seed, self.size = length, seed, size
+        if not 0 <= two_shapes_prob <= 1:
+            raise ValueError(f"the share of two-shape scenes must be in [0, 1], got {two_shapes_prob}")
+        self.length, self.seed, self.size, self.two_shapes_prob = length, seed, size, two_shapes_prob
 
     def __len__(self) -> int:
         return self.length
@@ -295,7 +299,7 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
-        return example(self.seed, index, self.size)
+        return example(self.seed, index, self.size, self.two_shapes_prob)
 
 
 def write_folder(out_dir: str | Path, count: int, seed: int = 0, size: int = 64) -> None:
