@@ -30,22 +30,39 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def load_pipeline(side: str, path: str, config_dir: str, device: str = "cpu", dtype: str = "fp32"):
+    """The single-file weights loaded as each side's users load them: `sdtorch.load`, or diffusers'
+    `StableDiffusionPipeline.from_single_file` with the offline config folder."""
+    if side == "ours":
+        import sdtorch
+
+        return sdtorch.load(path, device=device, dtype=dtype)
+    from diffusers import StableDiffusionPipeline
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    return StableDiffusionPipeline.from_single_file(path, config=config_dir, local_files_only=True,
+                                                    safety_checker=None, torch_dtype=torch_dtype).to(device)
+
+
+def encode_prompts(side: str, pipe, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) text contexts of PROMPT and NEGATIVE, through each side's own prompt encoding."""
+    if side == "ours":
+        return pipe.encode_prompts(PROMPT, NEGATIVE, 1)
+    return pipe.encode_prompt(PROMPT, device, 1, True, NEGATIVE)
+
+
 def child(side: str, path: str, config_dir: str, steps: int, size: int, device: str, dtype: str,
           warmup: bool) -> dict:
     torch.set_num_threads(torch.get_num_threads())
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    # imported before the RSS baseline, so that neither side's load time nor memory counts its imports
     if side == "ours":
-        import sdtorch
         from sdtorch.pipeline import Settings
     else:
-        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline  # noqa: F401
     baseline = rss_kib("VmRSS")
     t0 = time.perf_counter()
-    if side == "ours":
-        pipe = sdtorch.load(path, device=device, dtype=dtype)
-    else:
-        pipe = StableDiffusionPipeline.from_single_file(path, config=config_dir, local_files_only=True,
-                                                        safety_checker=None, torch_dtype=torch_dtype).to(device)
+    pipe = load_pipeline(side, path, config_dir, device, dtype)
+    if side != "ours":
         # A1111's Euler with the "normal" schedule, which is what our "Euler" runs
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
         pipe.set_progress_bar_config(disable=True)
@@ -61,10 +78,7 @@ def child(side: str, path: str, config_dir: str, steps: int, size: int, device: 
         encode_times = []
         for _ in range(5):
             t = time.perf_counter()
-            if side == "ours":
-                pipe.encode_prompts(PROMPT, NEGATIVE, 1)
-            else:
-                pipe.encode_prompt(PROMPT, device, 1, True, NEGATIVE)
+            encode_prompts(side, pipe, device)
             sync(device)
             encode_times.append(time.perf_counter() - t)
 

@@ -20,32 +20,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_load import make_files  # noqa: E402
-from bench_pipeline import NEGATIVE, PROMPT  # noqa: E402
+from bench_pipeline import encode_prompts, load_pipeline  # noqa: E402
 
 
 def child(side: str, path: str, config_dir: str, size: int) -> None:
     """Load, then answer each "step" line on stdin with the seconds of one UNet call."""
-    if side == "ours":
-        import sdtorch
+    pipe = load_pipeline(side, path, config_dir)
+    cond, uncond = encode_prompts(side, pipe)
+    context = torch.cat([uncond, cond])  # CFG's batch of 2, as both pipelines order it
 
-        pipe = sdtorch.load(path)
-        cond, uncond = pipe.encode_prompts(PROMPT, NEGATIVE, 1)
-        unet = pipe.unet
-        context = torch.cat([uncond, cond])
-
-        def call(x, t):
-            return unet(x, t, context)
-    else:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_single_file(path, config=config_dir, local_files_only=True,
-                                                        safety_checker=None)
-        cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
-        unet = pipe.unet
-        context = torch.cat([uncond, cond])
-
-        def call(x, t):
-            return unet(x, t, encoder_hidden_states=context).sample
+    def call(x, t):
+        if side == "ours":
+            pipe.unet(x, t, context)
+        else:
+            pipe.unet(x, t, encoder_hidden_states=context)
 
     x = torch.randn(2, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500, 500])
