@@ -11,8 +11,8 @@ from sdtorch.config import CLIPTextConfig, VAEConfig
 from sdtorch.diffusion.schedule import DiscreteSchedule
 from sdtorch.tokenizer import CLIPTokenizer
 from sdtorch.train.image_encoder import CLIPVisionConfig
-from sdtorch.train.objectives import (CLIPObjective, UNetObjective, VAEObjective, min_snr_weight, seeded_generators,
-                                      seeded_randn, use_gradient_checkpointing)
+from sdtorch.train.objectives import (CLIPObjective, UNetObjective, VAEObjective, edge_map, min_snr_weight,
+                                      seeded_generators, seeded_randn, use_gradient_checkpointing)
 
 TEXT = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       max_position_embeddings=32)
@@ -146,6 +146,34 @@ def test_vae_without_latent_noise_decodes_the_posterior_mean():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError, match="latent_noise"):
         VAEObjective(cfg, latent_noise=-1.0)
+
+
+def test_edge_weight_weighs_the_pixels_beside_each_edge():
+    images = torch.full((1, 3, 16, 16), -1.0)
+    images[0, 1, 3:7, 4:9] = 0.8  # a green rectangle: rows 3-6, columns 4-8
+    images[0, 0, 9, 1] = -1.02  # a step below the threshold is no edge
+    # a pixel is beside an edge when its 3x3 neighbourhood holds both colours: one ring inside and one outside
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[3:7, 4:9] = True
+    expected = torch.zeros(16, 16)
+    for r in range(16):
+        for c in range(16):
+            around = inside[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2]
+            expected[r, c] = float(around.any() and not around.all())
+    assert torch.equal(edge_map(images)[0, 0], expected) and expected.sum() == 14 + 22  # the rings: 4x5 inside, 6x7 outside
+
+    cfg = VAEConfig(ch=16, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=8)
+    torch.manual_seed(0)
+    weighted = VAEObjective(cfg, "mse", kl_weight=0.0, latent_noise=0.0, edge_weight=4.0)
+    batch = {"image": images, "seed": torch.tensor([3])}
+    loss, _ = weighted(batch)
+    error = (weighted.vae.decode(weighted.vae.encode(images).mean) - images).pow(2)  # (1, 3, 16, 16)
+    weight = 1 + 4.0 * expected
+    assert loss.item() == pytest.approx(((error * weight).sum() / (3 * weight.sum())).item(), rel=1e-6)
+    weighted.edge_weight = 0.0
+    assert weighted(batch)[0].item() == pytest.approx(error.mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="edge_weight"):
+        VAEObjective(cfg, edge_weight=-1.0)
 
 
 def test_seeded_noise_depends_only_on_each_samples_seed():

@@ -54,6 +54,8 @@ def add_train_parser(subparsers) -> None:
         elif kind == "vae":
             k.add_argument("--loss", choices=["l1", "mse"], default="l1", help="reconstruction loss")
             k.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight, relative to a summed loss")
+            k.add_argument("--edge-weight", type=float, default=0.0, metavar="W",
+                           help="pixels within one of an edge weigh 1+W in the reconstruction loss (shape outlines)")
             k.add_argument("--init", help="a VAE (or SD checkpoint) whose VAE to fine-tune; its config wins")
             k.add_argument("--decoder-only", action="store_true",
                            help="freeze the encoder: the latent space (and UNets trained on it) stays valid")
@@ -219,7 +221,7 @@ def build_objective(args) -> tuple[torch.nn.Module, Collate]:
             loaded_cfg, state = load_part(args.init, "vae")
             cfg = loaded_cfg.vae
         objective = VAEObjective(cfg, args.loss, args.kl_weight, args.decoder_only, args.cache_encodings,
-                                 args.latent_noise)
+                                 args.latent_noise, args.edge_weight)
         if state is not None:
             _load_state(objective.vae, state, "vae", args.init)
         return objective, Collate()
