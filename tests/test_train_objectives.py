@@ -160,7 +160,8 @@ def test_edge_weight_weighs_the_pixels_beside_each_edge():
         for c in range(16):
             around = inside[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2]
             expected[r, c] = float(around.any() and not around.all())
-    assert torch.equal(edge_map(images)[0, 0], expected) and expected.sum() == 14 + 22  # the rings: 4x5 inside, 6x7 outside
+    assert torch.equal(edge_map(images)[0, 0], expected)
+    assert expected.sum() == 14 + 22  # the rings: the 4x5 rectangle's border inside, a 6x7 one outside
 
     cfg = VAEConfig(ch=16, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=8)
     torch.manual_seed(0)
