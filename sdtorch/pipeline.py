@@ -329,15 +329,16 @@ class Pipeline:
         p = next(vae.parameters())
         z = self._vae_input((latents.float() / self.config.vae.scale_factor).to(p.device))
         decode = (lambda t: decode_tiled(vae, t)) if tiled else vae.decode
-        out = decode(z.to(p.dtype)).float()
+        dtype = p.dtype  # kept apart: vae.float() below converts p itself
+        out = decode(z.to(dtype)).float()
         if not torch.isfinite(out).all():
-            if p.dtype == torch.float32:
+            if dtype == torch.float32:
                 raise NaNError("the VAE produced NaN/inf even in fp32: the latents are broken")
             vae.float()
             try:
                 out = decode(z).float()
             finally:
-                vae.to(p.dtype)
+                vae.to(dtype)
         return out
 
     def infotext_params(self, s: Settings, with_image: bool, index: int = 0) -> dict:

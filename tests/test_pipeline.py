@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import TINY, tiny_models
 from reference import diffusers_unet, diffusers_vae, transformers_clip
-from sdtorch.pipeline import GenerationInterrupted, Pipeline, Settings, seed_noise
+from sdtorch.pipeline import GenerationInterrupted, NaNError, Pipeline, Settings, seed_noise
 from sdtorch.tokenizer import CLIPTokenizer
 
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry"
@@ -218,3 +218,36 @@ def test_released_weights_give_the_same_images(tmp_path):
     assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
     again = released.txt2img("a red circle", steps=3, seed=1, width=64, height=48, sampler="Euler a")[0]
     assert np.array_equal(np.asarray(again), np.asarray(images[0]))  # faulted back in, unchanged
+
+
+def fresh_pipe() -> Pipeline:
+    """A pipeline of its own, for tests that break its weights."""
+    return Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, device="cpu")
+
+
+@torch.no_grad()
+def test_fp16_vae_overflow_decodes_again_in_fp32():
+    pipe = fresh_pipe()
+    # the decoder's first conv x1e5: its activations pass fp16's largest value (65504) and become inf, then NaN in
+    # the next GroupNorm; in fp32 the GroupNorms normalise them back
+    conv = pipe.vae.decoder.conv_in
+    conv.weight.mul_(1e5), conv.bias.mul_(1e5)
+    pipe.vae.half().float()  # fp16-representable weights, so that the fp32 decode below is the exact reference
+    latents = seed_noise(1, 1, (4, 4, 4))
+    reference = pipe.decode_latents(latents)
+    pipe.vae.half()
+    assert not torch.isfinite(pipe.vae.decode((latents / TINY.vae.scale_factor).half())).all()  # it does overflow
+    out = pipe.decode_latents(latents)
+    assert torch.isfinite(reference).all() and torch.equal(out, reference)
+    assert next(pipe.vae.parameters()).dtype == torch.float16  # and the VAE is fp16 again afterwards
+
+
+@torch.no_grad()
+def test_nan_from_the_unet_or_an_fp32_vae_is_a_clear_error():
+    pipe = fresh_pipe()
+    pipe.vae.decoder.conv_in.bias.fill_(float("nan"))
+    with pytest.raises(NaNError, match="VAE produced NaN/inf even in fp32"):
+        pipe.run(Settings(PROMPT, steps=2, seed=0, width=32, height=32))
+    pipe.unet.out[-1].bias.fill_(float("inf"))
+    with pytest.raises(NaNError, match="UNet produced NaN/inf at step 1"):
+        pipe.run(Settings(PROMPT, steps=2, seed=0, width=32, height=32))
