@@ -85,7 +85,7 @@ def child(side: str, path: str, config_dir: str, steps: int, size: int, device: 
         stamps = []
         start = time.perf_counter()
         if side == "ours":
-            decode_s = []
+            decode_s, decoded = [], []
             original = pipe.decode_latents
 
             def timed_decode(latents, tiled=False):
@@ -94,12 +94,13 @@ def child(side: str, path: str, config_dir: str, steps: int, size: int, device: 
                 out = original(latents, tiled)
                 sync(device)
                 decode_s.append(time.perf_counter() - t)
+                decoded.append(out)
                 return out
 
             pipe.decode_latents = timed_decode
             pipe.run(Settings(PROMPT, NEGATIVE, steps=steps, cfg=7.0, sampler="Euler", seed=0, width=size,
                               height=size), callback=lambda *a: (sync(device), stamps.append(time.perf_counter())))
-            decode_s = decode_s[0]
+            decode_s, image = decode_s[0], decoded[0]
         else:
             latents = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.0,
                            height=size, width=size, generator=torch.Generator().manual_seed(0), output_type="latent",
@@ -111,6 +112,8 @@ def child(side: str, path: str, config_dir: str, steps: int, size: int, device: 
             sync(device)
             decode_s = time.perf_counter() - t
         total_s = time.perf_counter() - start
+    # the decoded image in [-1, 1], so that the parent can compare the two sides (same weights, seed and sampler)
+    torch.save(image.float().cpu(), Path(path).parent / f"image-{side}.pt")
     step_times = [b - a for a, b in zip([start] + stamps[:-1], stamps)][1:]  # the first includes prompt encoding
     peak = (rss_kib("VmHWM") - baseline) * 1024
     out = {"load_s": load_s, "encode_s": statistics.median(encode_times), "step_s": statistics.median(step_times),
@@ -148,6 +151,8 @@ def main() -> None:
                 sys.exit(f"{side} failed:\n{proc.stderr}")
             results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(side, results[side], flush=True)
+        # both sides drew seed 0's noise with a CPU generator and ran the same sampler: the images should agree
+        diff = (torch.load(folder / "image-ours.pt") - torch.load(folder / "image-diffusers.pt")).abs() / 2
     ours, theirs = results["ours"], results["diffusers"]
     print(f"\n{args.size}x{args.size}, {args.steps} Euler steps, CFG 7, {args.device} {args.dtype}, "
           f"{torch.get_num_threads()} threads{', after a warm-up generation' if args.warmup else ''}")
@@ -159,6 +164,7 @@ def main() -> None:
         rows.append(("peak CUDA memory (GB)", "cuda_peak_bytes", 1e9))
     for label, key, scale in rows:
         print(f"{label:<26}{ours[key] / scale:>10.2f}{theirs[key] / scale:>11.2f}{ours[key] / theirs[key]:>8.2f}")
+    print(f"images, |ours - diffusers| in [0, 1] units: max {diff.max():.2e}, mean {diff.mean():.2e}")
 
 
 if __name__ == "__main__":
