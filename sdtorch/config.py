@@ -55,6 +55,9 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 2.x: proj_in/proj_out are Linear instead of 1x1 conv
+    # Not in SD: fixed 2D sinusoidal positions added to each transformer's tokens, so that a feature knows where in
+    # the image it is and "on the left" can bind to the left (the built-in model's two-shape captions). No weights.
+    position_embedding: bool = False
     norm_groups: int = 32
 
     def heads_and_dim(self, channels: int) -> tuple[int, int]:

@@ -154,3 +154,28 @@ def test_bad_inputs_raise_clear_errors(sd15_unet):
         vae.encode(torch.zeros(1, 3, 60, 64))
     with pytest.raises(ValueError, match="expected latents"):
         vae.decode(torch.zeros(1, 3, 8, 8))
+
+
+def test_position_embedding_codes_rows_and_columns_apart_and_adds_no_weights():
+    import dataclasses
+
+    from conftest import TINY
+    from sdtorch.checkpoint.diffusers_configs import unet_to_diffusers
+    from sdtorch.checkpoint.errors import UnsupportedModelError
+    from sdtorch.models.unet import position_embedding_2d
+
+    e = position_embedding_2d(4, 6, 16).view(4, 6, 16)
+    assert torch.equal(e[:, :, :8], e[:, :1, :8].expand(4, 6, 8))  # the first half depends on the row only
+    assert torch.equal(e[:, :, 8:], e[:1, :, 8:].expand(4, 6, 8))  # the second half on the column only
+    assert len({tuple(v.tolist()) for v in e.view(24, 16)}) == 24  # every cell has its own code
+    # positions are fractions of the side: the centre row of a 3-row grid is the centre of a 9-row one
+    assert torch.allclose(position_embedding_2d(3, 3, 16)[4], position_embedding_2d(9, 9, 16)[40], atol=1e-6)
+
+    plain = randomize_(UNet(TINY.unet), seed=1).eval()
+    with_positions = UNet(dataclasses.replace(TINY.unet, position_embedding=True)).eval()
+    with_positions.load_state_dict(plain.state_dict())  # strict: the same keys, no new weights
+    x, t, context = unet_inputs(context_dim=TINY.unet.context_dim)
+    with torch.no_grad():
+        assert (with_positions(x, t, context) - plain(x, t, context)).abs().max() > 1e-3
+    with pytest.raises(UnsupportedModelError, match="position embedding"):
+        unet_to_diffusers(with_positions.config)

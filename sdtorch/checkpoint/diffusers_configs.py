@@ -45,6 +45,9 @@ def unet_from_diffusers(d: dict, where: str) -> UNetConfig:
 
 
 def unet_to_diffusers(u: UNetConfig) -> dict:
+    if u.position_embedding:
+        raise UnsupportedModelError("diffusers' UNet2DConditionModel has no position embedding: this model (such as "
+                                    "the built-in one) has no diffusers form; keep it as a single file")
     widths = [u.model_channels * m for m in u.channel_mult]
     levels = len(widths)
     heads = [u.heads_and_dim(w)[0] for w in widths]

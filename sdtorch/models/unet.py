@@ -23,6 +23,15 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def position_embedding_2d(h: int, w: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed 2D sinusoidal positions (Vaswani et al. 2017, one half of the channels per axis as in ViT/MAE): (h·w, dim)
+    for a row-major h x w grid; the first half encodes the row, the second the column. Positions are the cells'
+    centres as fractions of the side (x 32), so "on the left" means the same at every image size."""
+    rows = timestep_embedding((torch.arange(h, device=device) + 0.5) * (32 / h), dim // 2)  # (h, dim/2)
+    cols = timestep_embedding((torch.arange(w, device=device) + 0.5) * (32 / w), dim - dim // 2)  # (w, dim/2)
+    return torch.cat([rows[:, None].expand(h, w, -1), cols[None].expand(h, w, -1)], dim=-1).reshape(h * w, dim)
+
+
 class ResBlock(nn.Module):
     """Two 3x3 convs with the timestep embedding added in between, plus a skip (1x1 conv when widths differ)."""
 
@@ -48,6 +57,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         heads, dim_head = cfg.heads_and_dim(channels)
         self.linear = cfg.use_linear_in_transformer
+        self.position_embedding = cfg.position_embedding
         self.norm = GroupNorm32(cfg.norm_groups, channels, eps=1e-6)
         proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
@@ -63,6 +73,8 @@ class SpatialTransformer(nn.Module):
         tokens = tokens.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H·W, C)
         if self.linear:
             tokens = self.proj_in(tokens)
+        if self.position_embedding:
+            tokens = tokens + position_embedding_2d(h, w, c, tokens.device).to(tokens.dtype)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
         if self.linear:
