@@ -128,7 +128,8 @@ def train(tmp: Path, kind: str, out: str, *extra: str) -> list[float]:
 def check_training(tmp: Path) -> None:
     for kind in ("clip", "vae"):
         losses = train(tmp, kind, kind, *(a for item in SMALL[kind] for a in ("--set", item)))
-        report(f"train {kind} on CUDA: finite losses (1 = not)", float(not torch.isfinite(torch.tensor(losses)).all()), 0)
+        report(f"train {kind} on CUDA: finite losses (1 = not)",
+               float(not torch.isfinite(torch.tensor(losses)).all()), 0)
     parts = ["--clip", str(tmp / "clip" / "model.safetensors"), "--vae", str(tmp / "vae" / "model.safetensors"),
              *(a for item in SMALL["unet"] for a in ("--set", item))]
     bf16 = train(tmp, "unet", "unet-bf16", *parts, "--precision", "bf16")
