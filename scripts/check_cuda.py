@@ -25,11 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from conftest import TINY, tiny_models  # noqa: E402
-from reference import diffusers_unet, diffusers_vae, transformers_clip  # noqa: E402
-from sdtorch.pipeline import Pipeline, Settings, seed_noise  # noqa: E402
-from sdtorch.tokenizer import CLIPTokenizer  # noqa: E402
-from test_pipeline import diffusers_scheduler  # noqa: E402
+from conftest import TINY  # noqa: E402
+from sdtorch.pipeline import Settings, seed_noise  # noqa: E402
+from test_pipeline import diffusers_scheduler, diffusers_twin, tiny_pipe  # noqa: E402
 from test_train_engine import SMALL  # noqa: E402
 
 DEVICE = os.environ.get("CHECK_DEVICE", "cuda")
@@ -49,7 +47,7 @@ def report(name: str, value: float, limit: float) -> None:
 
 def ours(dtype: str, device: str = DEVICE, offload: bool = False) -> torch.Tensor:
     """Our txt2img images in [0, 1], (B, 3, H, W) float32 on the CPU."""
-    pipe = Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, device=device, dtype=dtype, offload=offload)
+    pipe = tiny_pipe(device, dtype=dtype, offload=offload)
     with torch.no_grad():
         return ((pipe.run(Settings(PROMPT, NEGATIVE, **SETTINGS)).float().cpu() + 1) / 2).clamp(0, 1)
 
@@ -57,15 +55,10 @@ def ours(dtype: str, device: str = DEVICE, offload: bool = False) -> torch.Tenso
 def theirs(dtype: str, tokenizer_dir: Path) -> torch.Tensor:
     """diffusers' txt2img images in [0, 1] from the same weights and seed noise (A1111's Euler: "linspace" spacing)."""
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer as HFTokenizer
 
-    state = tiny_models().state_dict()
-    scheduler = diffusers_scheduler("Euler")
     pipe = StableDiffusionPipeline(
-        unet=diffusers_unet(state, TINY), vae=diffusers_vae(state, TINY), text_encoder=transformers_clip(state, TINY),
-        tokenizer=HFTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
-                              model_max_length=77),
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        **diffusers_twin(tiny_pipe(), tokenizer_dir), scheduler=diffusers_scheduler("Euler"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
     ).to(DEVICE, DTYPES[dtype])
     pipe.set_progress_bar_config(disable=True)
     latents = seed_noise(42, 2, (4, 6, 8)).to(DEVICE, DTYPES[dtype])
@@ -75,7 +68,6 @@ def theirs(dtype: str, tokenizer_dir: Path) -> torch.Tensor:
 
 
 def check_against_diffusers(tmp: Path) -> None:
-    CLIPTokenizer.default().save_pretrained_files(tmp)
     reference = {dtype: theirs(dtype, tmp) for dtype in DTYPES}
     report("txt2img fp32 on CUDA vs diffusers fp32 on CUDA, max abs", (ours("fp32") - reference["fp32"]).abs().max(),
            1e-3)
@@ -96,7 +88,7 @@ def check_devices() -> None:
 
 
 def check_vae_fallback() -> None:
-    pipe = Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, device=DEVICE, dtype="fp32")
+    pipe = tiny_pipe(DEVICE, dtype="fp32")
     conv = pipe.vae.decoder.conv_in  # x1e5: past fp16's 65504 in the decoder, normalised back in fp32
     with torch.no_grad():
         conv.weight.mul_(1e5), conv.bias.mul_(1e5)

@@ -14,21 +14,31 @@ from sdtorch.tokenizer import CLIPTokenizer
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry"
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, name="tiny", model_hash="0123456789", device="cpu")
+def tiny_pipe(device: str = "cpu", **kwargs) -> Pipeline:
+    """A pipeline of the tiny model of its own (tests that break its weights take a fresh one)."""
+    return Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, name="tiny", model_hash="0123456789", device=device,
+                    **kwargs)
 
 
-@pytest.fixture(scope="module")
-def diffusers_parts(pipe, tmp_path_factory):
+def diffusers_twin(pipe: Pipeline, folder) -> dict:
+    """diffusers' UNet, VAE, text encoder and tokenizer with `pipe`'s weights (the tokenizer files go to `folder`)."""
     from transformers import CLIPTokenizer as HFTokenizer
 
     state = pipe.models.state_dict()
-    folder = tmp_path_factory.mktemp("tok")
     pipe.tokenizer.save_pretrained_files(folder)
     return dict(unet=diffusers_unet(state, TINY), vae=diffusers_vae(state, TINY),
                 text_encoder=transformers_clip(state, TINY),
                 tokenizer=HFTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipe()
+
+
+@pytest.fixture(scope="module")
+def diffusers_parts(pipe, tmp_path_factory):
+    return diffusers_twin(pipe, tmp_path_factory.mktemp("tok"))
 
 
 def diffusers_scheduler(name):
@@ -220,14 +230,9 @@ def test_released_weights_give_the_same_images(tmp_path):
     assert np.array_equal(np.asarray(again), np.asarray(images[0]))  # faulted back in, unchanged
 
 
-def fresh_pipe() -> Pipeline:
-    """A pipeline of its own, for tests that break its weights."""
-    return Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, device="cpu")
-
-
 @torch.no_grad()
 def test_fp16_vae_overflow_decodes_again_in_fp32():
-    pipe = fresh_pipe()
+    pipe = tiny_pipe()
     # the decoder's first conv x1e5: its activations pass fp16's largest value (65504) and become inf, then NaN in
     # the next GroupNorm; in fp32 the GroupNorms normalise them back
     conv = pipe.vae.decoder.conv_in
@@ -244,7 +249,7 @@ def test_fp16_vae_overflow_decodes_again_in_fp32():
 
 @torch.no_grad()
 def test_nan_from_the_unet_or_an_fp32_vae_is_a_clear_error():
-    pipe = fresh_pipe()
+    pipe = tiny_pipe()
     pipe.vae.decoder.conv_in.bias.fill_(float("nan"))
     with pytest.raises(NaNError, match="VAE produced NaN/inf even in fp32"):
         pipe.run(Settings(PROMPT, steps=2, seed=0, width=32, height=32))
