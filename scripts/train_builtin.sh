@@ -21,9 +21,11 @@ sdtorch train vae "$SIZES" "${COMMON[@]}" --out "$RUN/vae" --steps 5000 --batch-
 # A fixed pool of 40k scenes, seen ~9 times: the frozen VAE and CLIP encode each image and caption once
 # (--cache-encodings), which makes a step ~1.7x faster; the UNet needs many more samples than CLIP or the VAE.
 # The sizes file turns on unet.position_embedding: two-shape captions put each shape in its place more often.
-sdtorch train unet "$SIZES" "${COMMON[@]}" --data-size 40000 --cache-encodings 40000 --out "$RUN/unet" \
-    --steps 6000 --batch-size 64 --lr 1e-3 --warmup-steps 100 --ema-decay 0.999 --caption-dropout 0.1 \
-    --min-snr-gamma 5 --eval-every 1000 --sample-every 1000 --clip "$RUN/clip/model.safetensors" \
+# --two-shapes 0.75: three in four scenes have two shapes (the eval keeps 40%): over 400 eval captions, shape colour
+# 85.0 -> 92.75% and kind 77.75 -> 89.5% against the default 0.4 (0.6 gave 89.0 and 79.0).
+sdtorch train unet "$SIZES" "${COMMON[@]}" --data-size 40000 --cache-encodings 40000 --two-shapes 0.75 \
+    --out "$RUN/unet" --steps 6000 --batch-size 64 --lr 1e-3 --warmup-steps 100 --ema-decay 0.999 \
+    --caption-dropout 0.1 --min-snr-gamma 5 --eval-every 1000 --sample-every 1000 --clip "$RUN/clip/model.safetensors" \
     --vae "$RUN/vae/model.safetensors" --latent-noise 0.1 | tee "$RUN/unet.out"
 
 sdtorch convert "$RUN/unet/model.safetensors" sdtorch/data/builtin.safetensors --dtype fp16
