@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the built-in model (sdtorch/data/builtin.safetensors) from scratch on the procedural "shapes" data:
-#   bash scripts/train_builtin.sh [RUN_DIR]          (about 85 minutes on a 2-core CPU)
+#   bash scripts/train_builtin.sh [RUN_DIR]          (about 80 minutes on a 2-core CPU)
 # CLIP (contrastive), then the VAE, then the UNet on the frozen two; the result is exported in fp16 with its config
 # in the header, evaluated by pixel analysis, and the README's pictures are redrawn. Sizes: scripts/builtin_sizes.json.
 set -euo pipefail
