@@ -5,6 +5,7 @@ The flow of one image (see docs in README):
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import random
 import threading
@@ -21,6 +22,7 @@ from .diffusion.samplers import get_sigmas, parse_sampler_name
 from .diffusion.schedule import DiscreteSchedule
 from .metadata import format_parameters, png_with_parameters
 from .models import StableDiffusionModels
+from .models.packed import packed_weights
 from .prompts import encode_prompt_pair
 from .tiling import decode_tiled, encode_tiled
 
@@ -286,8 +288,11 @@ class Pipeline:
             if "eta" not in inspect.signature(sampler.fn).parameters:
                 raise ValueError(f"sampler {sampler.name} takes no eta")
             sampler_kwargs["eta"] = s.eta
-        latents = sampler.fn(model, x, sigmas, extra_args=extra_args, callback=on_step, disable=True,
-                             noise_sampler=rng.sampler(x), **sampler_kwargs)
+        # on the CPU in fp32 the UNet's memory-mapped weights are laid out for oneDNN once for the loop, not at every
+        # step; the packs replace the mapped pages, so only where these may be released
+        with packed_weights(self.unet) if self.release_idle_weights else contextlib.nullcontext():
+            latents = sampler.fn(model, x, sigmas, extra_args=extra_args, callback=on_step, disable=True,
+                                 noise_sampler=rng.sampler(x), **sampler_kwargs)
         if sampler.ends_at_t0:  # their result is the VP sample at t=0: sqrt(ᾱ_0)·x
             latents = latents / (1 + sigmas[-1] ** 2) ** 0.5
         self._done_with(self.unet)

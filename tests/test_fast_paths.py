@@ -1,8 +1,12 @@
-"""Exact rewrites for speed and memory: the Upsample's phase decomposition, the FeedForward's token chunks."""
+"""Exact rewrites for speed and memory: the Upsample's phase decomposition, the FeedForward's token chunks, the
+CPU's packed weights."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from sdtorch.models import packed
 from sdtorch.models.upsample import Upsample
 
 
@@ -51,3 +55,81 @@ def test_feed_forward_in_chunks_equals_whole():
     for a, b in zip(torch.autograd.grad(chunked, [x, ff.net[0].proj.weight], grad),
                     torch.autograd.grad(whole, [x, ff.net[0].proj.weight], grad)):
         assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+
+
+needs_onednn = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN")
+
+
+def _packs(model: torch.nn.Module) -> list:
+    return [m.__dict__["forward"] for m in model.modules() if "forward" in m.__dict__]
+
+
+@needs_onednn
+@pytest.mark.parametrize("linear_proj", [False, True], ids=["sd1", "sd2-linear-proj"])
+def test_packed_weights_equal_the_plain_layers(linear_proj):
+    """In the block every Linear and Conv2d runs oneDNN on a weight packed at its first call (at one input size,
+    reused at others); the results differ from the plain layers' by rounding only; after it the layers are plain.
+    SD 2.x's Linear proj_in takes a transposed (non-contiguous) view."""
+    import dataclasses
+
+    from conftest import TINY
+    from reference import randomize_
+    from sdtorch.models.unet import UNet
+
+    torch.manual_seed(0)
+    unet = randomize_(UNet(dataclasses.replace(TINY.unet, use_linear_in_transformer=linear_proj)), seed=1).eval()
+    layers = [m for m in unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    inputs = [(torch.randn(2, 4, 16, 24), torch.tensor([500.0, 20.0]), torch.randn(2, 7, 32)),
+              (torch.randn(1, 4, 8, 8), torch.tensor([999.0]), torch.randn(1, 77, 32))]
+    with torch.no_grad():
+        plain = [unet(*args) for args in inputs]
+        with packed.packed_weights(unet, duplicates_ok=True):  # weights in ordinary memory: packed only when told
+            packs = _packs(unet)
+            outs = [unet(*args) for args in inputs]
+        assert not _packs(unet)
+        assert all(torch.equal(unet(*args), ref) for args, ref in zip(inputs, plain))  # plain again, bit for bit
+    assert len(packs) == len(layers)
+    upsample_convs = {id(m.conv) for m in unet.modules() if isinstance(m, Upsample)}  # they fold their own kernels
+    assert [p.packed is not None for p in packs] == [id(p.layer) not in upsample_convs for p in packs]
+    for out, ref in zip(outs, plain):
+        # fp32: oneDNN's kernels sum in another order than MKL's; ~1e-6 relative per layer, through ~40 layers
+        assert not torch.equal(out, ref) and ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+@needs_onednn
+def test_packed_weights_step_aside_for_autograd():
+    from conftest import tiny_models
+
+    unet = tiny_models().unet
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 7, 32)
+    with packed.packed_weights(unet, duplicates_ok=True):
+        unet(x, t, ctx).square().mean().backward()  # the packed ops have no gradients: the plain ones run
+        assert all(p.packed is None for p in _packs(unet))
+    assert all(p.grad is not None for p in unet.out.parameters())
+
+
+@needs_onednn
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pagemap and madvise are Linux's")
+def test_a_pack_replaces_a_mapped_weight_and_never_duplicates_one_in_ram(tmp_path):
+    """RAM holds one copy of a weight: a memory-mapped original gives its pages back once packed; a weight in
+    ordinary memory (nothing to give back) stays unpacked, and its layer runs the plain op."""
+    from sdtorch.checkpoint.formats import SafetensorsFile, write_safetensors
+    from sdtorch.memory import resident_file_bytes
+
+    torch.manual_seed(0)
+    mapped, ordinary = torch.nn.Linear(512, 256), torch.nn.Linear(512, 256)
+    write_safetensors({"weight": mapped.weight.detach().clone()}, tmp_path / "w.safetensors", {})
+    reader = SafetensorsFile(tmp_path / "w.safetensors")
+    mapped.weight = torch.nn.Parameter(reader.tensors()["weight"].load(torch.float32, torch.device("cpu")))
+    reader.close()
+    model = torch.nn.Sequential(mapped, ordinary)
+    x = torch.randn(3, 512)
+    with torch.no_grad():
+        ref = mapped(x), ordinary(x)
+        assert resident_file_bytes([mapped.weight]) > 0  # read by the plain layer
+        with packed.packed_weights(model):
+            out = mapped(x), ordinary(x)
+            assert resident_file_bytes([mapped.weight]) == 0
+            assert mapped.forward.packed is not None and ordinary.forward.packed is None
+    assert not torch.equal(out[0], ref[0]) and ((out[0] - ref[0]).abs().max() / ref[0].abs().max()).item() < 1e-5
+    assert torch.equal(out[1], ref[1])

@@ -209,10 +209,14 @@ def test_default_size_is_the_models_resolution_or_the_init_images():
     assert pipe32.img2img(PROMPT, Image.new("RGB", (44, 20)), steps=1, seed=0)[0].size == (40, 16)
 
 
-def test_released_weights_give_the_same_images(tmp_path):
+def test_released_weights_give_the_same_images(tmp_path, monkeypatch):
     """A model mapped from an fp32 file gives its weights' pages back after each phase; images do not change."""
     import sdtorch
     from sdtorch.memory import resident_file_bytes
+    from sdtorch.models import packed
+
+    # bit for bit: the released pipeline's UNet would otherwise sample on packed weights (another rounding)
+    monkeypatch.setattr(packed, "available", lambda: False)
 
     path = tmp_path / "tiny.safetensors"
     sdtorch.save(Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, device="cpu"), path)
@@ -228,6 +232,35 @@ def test_released_weights_give_the_same_images(tmp_path):
     assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
     again = released.txt2img("a red circle", steps=3, seed=1, width=64, height=48, sampler="Euler a")[0]
     assert np.array_equal(np.asarray(again), np.asarray(images[0]))  # faulted back in, unchanged
+
+
+@torch.no_grad()
+def test_the_cpu_samples_on_packed_weights_and_frees_them_before_decoding(tmp_path):
+    """On the CPU, a UNet mapped from an fp32 file runs its sampling loop on packed weights (models/packed.py); the
+    packs are gone before the VAE decodes, so that they never share RAM with the decoder's activations."""
+    import sdtorch
+    from sdtorch.models import packed
+    from sdtorch.models.upsample import Upsample
+
+    if not packed.available() or not sys.platform.startswith("linux"):
+        pytest.skip("needs oneDNN, and Linux to give mapped pages back")
+    sdtorch.save(tiny_pipe(), tmp_path / "tiny.safetensors")
+    pipe = sdtorch.load(tmp_path / "tiny.safetensors", device="cpu")
+    unet = pipe.unet
+    layers = [m for m in unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    called = len(layers) - sum(isinstance(m, Upsample) for m in unet.modules())  # an Upsample folds its own kernels
+    packed_per_step, at_decode = [], []
+    decode = pipe.decode_latents
+
+    def spy(latents, tiled=False):
+        at_decode.append([m for m in unet.modules() if "forward" in m.__dict__])
+        return decode(latents, tiled)
+
+    pipe.decode_latents = spy
+    pipe.run(Settings(PROMPT, steps=2, seed=0, width=32, height=32),
+             callback=lambda *_: packed_per_step.append(
+                 sum(getattr(m.__dict__.get("forward"), "packed", None) is not None for m in layers)))
+    assert packed_per_step == [called, called] and at_decode == [[]]
 
 
 @torch.no_grad()

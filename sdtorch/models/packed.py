@@ -1,0 +1,86 @@
+"""CPU inference on weights packed once for oneDNN, instead of at every call.
+
+PyTorch's CPU `F.conv2d` takes its weight in the plain (O, I, kh, kw) layout, and oneDNN copies it into the blocked
+layout it computes with at every call; `F.linear` copies its bias over the whole output before the matrix product
+adds into it. oneDNN's own ops, the ones PyTorch's compiler uses for frozen models (`mkldnn._convolution_pointwise`,
+`mkldnn._linear_pointwise`), take a weight packed beforehand and add the bias in the kernel. On this project's 2-core
+CPU an SD 1.5 UNet step (512x512, CFG) runs ~8% faster on packed weights; results differ from the plain ops' by
+rounding only (~1e-6 relative).
+
+`packed_weights(model)` packs each Linear and Conv2d of `model` at its first call inside the block (the first call
+tells the kernel its input size) and frees the packs on exit. A pack is a copy of its weight, so by default it is kept
+only where it replaces one: where the original is a view of a file's memory map (an fp32 .safetensors loaded as it
+is), whose pages go back to the OS once packed (`memory.release`). Weights in ordinary memory (cast from fp16, say)
+run the plain ops, so that RAM never holds two copies. Inference only: while autograd records, layers run as usual.
+
+The pipeline packs its UNet for each generation's sampling loop and frees the packs before the VAE decodes. Packing
+the SD 1.5 UNet makes the first step ~2 s slower (10.2 against 8.2 s here), repaid by the third step.
+"""
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .. import memory
+
+
+def available() -> bool:
+    """Whether this PyTorch has the oneDNN ops (CPU builds for x86 and ARM do)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+class _PackedForward:
+    """Stands in for one layer's `forward` (as an instance attribute, which shadows the class's method)."""
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d, duplicates_ok: bool):
+        self.layer, self.duplicates_ok = layer, duplicates_ok
+        self.packed, self.plain = None, False
+        if isinstance(layer, nn.Conv2d):
+            self.conv_args = list(layer.padding), list(layer.stride), list(layer.dilation), layer.groups
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        if self.plain or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+            return type(layer).forward(layer, x)
+        if self.packed is None:
+            packed = self.pack(x)
+            # the pack stays if the original's memory-mapped pages could be given back (the original is not read
+            # again in the block): RAM then holds one copy of the weight, not two
+            released = memory.release([layer.weight])
+            if not (self.duplicates_ok or released >= layer.weight.nbytes - 2 * memory.PAGE):
+                self.plain = True
+                return type(layer).forward(layer, x)
+            self.packed = packed
+        if isinstance(layer, nn.Linear):
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, layer.bias, "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise(x, self.packed, layer.bias, *self.conv_args, "none", [], "")
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight in oneDNN's layout for inputs like x (an opaque oneDNN tensor)."""
+        weight = self.layer.weight
+        if isinstance(self.layer, nn.Linear):
+            return torch.ops.mkldnn._reorder_linear_weight(weight, x.numel() // x.shape[-1])
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), *self.conv_args, list(x.shape))
+
+
+def _packable(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Linear):
+        return layer.weight.dtype == torch.float32 and layer.weight.device.type == "cpu"
+    return (isinstance(layer, nn.Conv2d) and layer.weight.dtype == torch.float32 and layer.weight.device.type == "cpu"
+            and layer.padding_mode == "zeros" and not isinstance(layer.padding, str))
+
+
+@contextlib.contextmanager
+def packed_weights(model: nn.Module, duplicates_ok: bool = False) -> Iterator[None]:
+    """Within the block, `model`'s fp32 CPU Linear and Conv2d layers run on packed weights (see the module's text).
+    By default only where the pack replaces a memory-mapped original; `duplicates_ok`: everywhere, keeping both."""
+    layers = [m for m in model.modules() if _packable(m)] if available() else []
+    for layer in layers:
+        layer.forward = _PackedForward(layer, duplicates_ok)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
