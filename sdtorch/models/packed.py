@@ -4,7 +4,7 @@ PyTorch's CPU `F.conv2d` takes its weight in the plain (O, I, kh, kw) layout, an
 layout it computes with at every call; `F.linear` copies its bias over the whole output before the matrix product
 adds into it. oneDNN's own ops, the ones PyTorch's compiler uses for frozen models (`mkldnn._convolution_pointwise`,
 `mkldnn._linear_pointwise`), take a weight packed beforehand and add the bias in the kernel. On this project's 2-core
-CPU an SD 1.5 UNet step (512x512, CFG) runs ~8% faster on packed weights; results differ from the plain ops' by
+CPU an SD 1.5 UNet step (512x512, CFG) runs 7-8% faster on packed weights; results differ from the plain ops' by
 rounding only (~1e-6 relative).
 
 `packed_weights(model)` packs each Linear and Conv2d of `model` at its first call inside the block (the first call
