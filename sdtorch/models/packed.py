@@ -27,8 +27,9 @@ from .. import memory
 
 def available() -> bool:
     """Whether this PyTorch has the oneDNN ops (CPU builds for x86 and ARM do)."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+    ops = ("_reorder_linear_weight", "_linear_pointwise", "_convolution_pointwise")
+    return (torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, op) for op in ops)
+            and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
 
 
 class _PackedForward:
