@@ -125,3 +125,18 @@ def keep_freed_blocks() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def trim_heap() -> bool:
+    """Hand the free pages inside glibc's heap back to the OS now (`malloc_trim(0)`); returns whether it could. For
+    memory the process is done with for a while, such as a model's packed weights freed after the sampling loop, which
+    `keep_freed_blocks` would otherwise keep resident for the phases after it. glibc on Linux only."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = _libc().malloc_trim
+    except AttributeError:  # not glibc
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim(0)  # its result says whether any memory went back, which is not a failure when none was free
+    return True

@@ -100,3 +100,25 @@ def test_freed_large_blocks_are_reused_instead_of_faulted_in_again():
 
     faulted_fraction(), faulted_fraction()  # the heap grows to hold them
     assert faulted_fraction() < 0.1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_trim_heap_gives_freed_blocks_back_to_the_os():
+    """A block the heap keeps after keep_freed_blocks (so it stays resident) leaves RSS after trim_heap."""
+    from sdtorch.memory import keep_freed_blocks, trim_heap
+
+    if not keep_freed_blocks():
+        pytest.skip("not glibc")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+
+    block = torch.empty(200 * 2**18)  # 200 MB, from the heap (below the 1 GiB mmap threshold)
+    block.fill_(1.0)
+    pin = torch.ones(2**16)  # allocated after it, so that the freed block is not simply the heap's top
+    del block
+    kept = rss()
+    assert trim_heap()
+    assert kept - rss() > 150 * 2**20
+    del pin

@@ -78,10 +78,17 @@ def packed_weights(model: nn.Module, duplicates_ok: bool = False) -> Iterator[No
     """Within the block, `model`'s fp32 CPU Linear and Conv2d layers run on packed weights (see the module's text).
     By default only where the pack replaces a memory-mapped original; `duplicates_ok`: everywhere, keeping both."""
     layers = [m for m in model.modules() if _packable(m)] if available() else []
-    for layer in layers:
-        layer.forward = _PackedForward(layer, duplicates_ok)
+    forwards = [_PackedForward(layer, duplicates_ok) for layer in layers]
+    for layer, forward in zip(layers, forwards):
+        layer.forward = forward
     try:
         yield
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)
+        if any(forward.packed is not None for forward in forwards):
+            for forward in forwards:
+                forward.packed = None
+            # the packs (a model's worth of memory) go back to the OS, not to the heap's free lists: otherwise the
+            # phases after the loop, which allocate differently, would keep them resident and grow beside them
+            memory.trim_heap()
