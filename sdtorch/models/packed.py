@@ -8,10 +8,11 @@ CPU an SD 1.5 UNet step (512x512, CFG) runs 7-8% faster on packed weights; resul
 rounding only (~1e-6 relative).
 
 `packed_weights(model)` packs each Linear and Conv2d of `model` at its first call inside the block (the first call
-tells the kernel its input size) and frees the packs on exit. A pack is a copy of its weight, so by default it is kept
-only where it replaces one: where the original is a view of a file's memory map (an fp32 .safetensors loaded as it
-is), whose pages go back to the OS once packed (`memory.release`). Weights in ordinary memory (cast from fp16, say)
-run the plain ops, so that RAM never holds two copies. Inference only: while autograd records, layers run as usual.
+tells the kernel its input size); on exit the packs are freed and their pages handed back to the OS
+(`memory.trim_heap`). A pack is a copy of its weight, so by default it is kept only where it replaces one: where the
+original is a view of a file's memory map (an fp32 .safetensors loaded as it is), whose pages go back to the OS once
+packed (`memory.release`). Weights in ordinary memory (cast from fp16, say) run the plain ops, so that RAM never
+holds two copies. Inference only: while autograd records, layers run as usual.
 
 The pipeline packs its UNet for each generation's sampling loop and frees the packs before the VAE decodes. Packing
 the SD 1.5 UNet makes the first step ~2 s slower (10.2 against 8.2 s here), repaid by the third step.
