@@ -113,17 +113,24 @@ MMAP_THRESHOLD = 1 << 30  # blocks below 1 GiB come from the heap
 TRIM_THRESHOLD = 1 << 31  # the heap keeps up to 2 GiB of free memory at its top instead of returning it at once
 
 
+def _glibc(name: str, *argtypes):
+    """glibc's malloc function `name` with its argument types, or None where there is none (not Linux, or a libc
+    without it: musl has no mallopt or malloc_trim)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    function = getattr(_libc(), name, None)
+    if function is not None:
+        function.argtypes = list(argtypes)
+    return function
+
+
 @functools.cache
 def keep_freed_blocks() -> bool:
     """Tune glibc's malloc (process-wide, once) so that large freed blocks are reused rather than unmapped and
     faulted in again; returns whether it applied (glibc on Linux only). The pipeline calls it for CPU generation."""
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         return False
-    try:
-        mallopt = _libc().mallopt
-    except AttributeError:  # not glibc (musl has no mallopt)
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
@@ -131,12 +138,8 @@ def trim_heap() -> bool:
     """Hand the free pages inside glibc's heap back to the OS now (`malloc_trim(0)`); returns whether it could. For
     memory the process is done with for a while, such as a model's packed weights freed after the sampling loop, which
     `keep_freed_blocks` would otherwise keep resident for the phases after it. glibc on Linux only."""
-    if not sys.platform.startswith("linux"):
+    malloc_trim = _glibc("malloc_trim", ctypes.c_size_t)
+    if malloc_trim is None:
         return False
-    try:
-        malloc_trim = _libc().malloc_trim
-    except AttributeError:  # not glibc
-        return False
-    malloc_trim.argtypes = [ctypes.c_size_t]
     malloc_trim(0)  # its result says whether any memory went back, which is not a failure when none was free
     return True

@@ -68,10 +68,12 @@ class _PackedForward:
 
 
 def _packable(layer: nn.Module) -> bool:
-    if isinstance(layer, nn.Linear):
-        return layer.weight.dtype == torch.float32 and layer.weight.device.type == "cpu"
-    return (isinstance(layer, nn.Conv2d) and layer.weight.dtype == torch.float32 and layer.weight.device.type == "cpu"
-            and layer.padding_mode == "zeros" and not isinstance(layer.padding, str))
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return False
+    if layer.weight.dtype != torch.float32 or layer.weight.device.type != "cpu":
+        return False
+    # oneDNN's convolution pads with zeros only, and takes explicit padding (not "same"/"valid")
+    return isinstance(layer, nn.Linear) or (layer.padding_mode == "zeros" and not isinstance(layer.padding, str))
 
 
 @contextlib.contextmanager
