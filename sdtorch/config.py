@@ -74,7 +74,7 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     clip: CLIPTextConfig = field(default_factory=CLIPTextConfig)
-    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+    prediction_type: str = "epsilon"  # one of diffusion.schedule.PREDICTION_TYPES
     clip_pad_token_id: int | None = None  # None: pad with <|endoftext|> as SD 1.x does
     resolution: int = 512  # the image side the model was trained at: the default width and height
 
