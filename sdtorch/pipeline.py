@@ -6,7 +6,6 @@ The flow of one image (see docs in README):
 from __future__ import annotations
 
 import contextlib
-import inspect
 import random
 import threading
 from dataclasses import dataclass, field
@@ -285,7 +284,7 @@ class Pipeline:
 
         sampler_kwargs = {}
         if s.eta is not None:
-            if "eta" not in inspect.signature(sampler.fn).parameters:
+            if not sampler.takes_eta:
                 raise ValueError(f"sampler {sampler.name} takes no eta")
             sampler_kwargs["eta"] = s.eta
         # on the CPU in fp32 the UNet's memory-mapped weights are laid out for oneDNN once for the loop, not at every

@@ -169,6 +169,12 @@ def test_bad_settings_raise_value_errors(pipe, bad, match):
         pipe.txt2img(PROMPT, **{**dict(steps=1, width=32, height=32), **bad})
 
 
+def test_eta_is_refused_by_a_sampler_without_one(pipe):
+    with pytest.raises(ValueError, match="takes no eta"):
+        pipe.txt2img(PROMPT, steps=1, width=32, height=32, sampler="Euler", eta=0.5)
+    assert len(pipe.txt2img(PROMPT, steps=1, width=32, height=32, sampler="Euler a", eta=0.5)) == 1
+
+
 def test_strength_outside_unit_range_is_an_error(pipe):
     with pytest.raises(ValueError, match="strength"):
         pipe.img2img(PROMPT, Image.new("RGB", (32, 32)), strength=1.5, steps=1)

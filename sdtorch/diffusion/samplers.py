@@ -437,21 +437,25 @@ class SamplerInfo:
     # A1111/diffusers run these in VP space: they start from unit-variance VP noise and walk SD's "leading" timesteps
     vp: bool = False
     ends_at_t0: bool = False  # ...and stop at the first training timestep (σ_min), not at σ = 0
+    takes_eta: bool = False  # has an `eta` argument (DDIM's η, the ancestral noise scale)
 
 
 _SAMPLER_LIST = [
-    SamplerInfo("DDIM", sample_ddim, ("ddim",), False, vp=True, ends_at_t0=True),
+    SamplerInfo("DDIM", sample_ddim, ("ddim",), False, vp=True, ends_at_t0=True, takes_eta=True),
     SamplerInfo("DDPM", sample_ddpm, ("ddpm",), True, vp=True),
     SamplerInfo("PLMS", sample_plms, ("plms", "pndm"), False, vp=True, ends_at_t0=True),
     SamplerInfo("Euler", sample_euler, ("euler", "k_euler"), False),
-    SamplerInfo("Euler a", sample_euler_ancestral, ("euler_ancestral", "k_euler_a", "k_euler_ancestral"), True),
+    SamplerInfo("Euler a", sample_euler_ancestral, ("euler_ancestral", "k_euler_a", "k_euler_ancestral"), True,
+                takes_eta=True),
     SamplerInfo("Heun", sample_heun, ("heun", "k_heun"), False),
     SamplerInfo("LMS", sample_lms, ("lms", "k_lms"), False),
     SamplerInfo("DPM2", sample_dpm_2, ("dpm_2", "k_dpm_2"), False),
-    SamplerInfo("DPM2 a", sample_dpm_2_ancestral, ("dpm_2_ancestral", "k_dpm_2_a", "k_dpm_2_ancestral"), True),
+    SamplerInfo("DPM2 a", sample_dpm_2_ancestral, ("dpm_2_ancestral", "k_dpm_2_a", "k_dpm_2_ancestral"), True,
+                takes_eta=True),
     SamplerInfo("DPM++ 2M", sample_dpmpp_2m, ("dpmpp_2m", "k_dpmpp_2m"), False, "karras"),
-    SamplerInfo("DPM++ 2M SDE", sample_dpmpp_2m_sde, ("dpmpp_2m_sde", "k_dpmpp_2m_sde"), True, "exponential"),
-    SamplerInfo("DPM++ SDE", sample_dpmpp_sde, ("dpmpp_sde", "k_dpmpp_sde"), True, "karras"),
+    SamplerInfo("DPM++ 2M SDE", sample_dpmpp_2m_sde, ("dpmpp_2m_sde", "k_dpmpp_2m_sde"), True, "exponential",
+                takes_eta=True),
+    SamplerInfo("DPM++ SDE", sample_dpmpp_sde, ("dpmpp_sde", "k_dpmpp_sde"), True, "karras", takes_eta=True),
     SamplerInfo("UniPC", sample_unipc, ("uni_pc", "unipc", "uni_pc_bh2"), False),
     SamplerInfo("LCM", sample_lcm, ("lcm",), True, "sgm_uniform", vp=True),
 ]
