@@ -36,7 +36,7 @@ def load_pipeline(side: str, path: str, config_dir: str, device: str = "cpu", dt
     if side == "ours":
         import sdtorch
 
-        return sdtorch.load(path, device=device, dtype=dtype)
+        return sdtorch.load(path, device=device, dtype=dtype, tune_allocator=True)  # as the `sdtorch` command runs
     from diffusers import StableDiffusionPipeline
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]

@@ -163,7 +163,7 @@ def run_generate(args) -> int:
 
     import sdtorch
 
-    pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype)
+    pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype, tune_allocator=True)
     prompt, negative = s.pop("prompt"), s.pop("negative")
     strength = s.pop("strength")
     progress = None if args.quiet else make_progress_bar()
@@ -266,7 +266,7 @@ def run_eval(args) -> int:
     model = args.model or BUILTIN_MODEL
     if not Path(model).exists():
         raise CLIError(f"model not found: {model}")
-    pipe = sdtorch.load(model, device=args.device)
+    pipe = sdtorch.load(model, device=args.device, tune_allocator=True)
     bar = tqdm(total=args.count, file=sys.stderr, disable=args.quiet)
     result = evaluate(pipe, count=args.count, seed=args.seed if args.seed is not None else EVAL_SEED,
                       steps=args.steps, sampler=args.sampler, cfg=args.cfg,

@@ -127,7 +127,8 @@ def _glibc(name: str, *argtypes):
 @functools.cache
 def keep_freed_blocks() -> bool:
     """Tune glibc's malloc (process-wide, once) so that large freed blocks are reused rather than unmapped and
-    faulted in again; returns whether it applied (glibc on Linux only). The pipeline calls it for CPU generation."""
+    faulted in again; returns whether it applied (glibc on Linux only). A CPU pipeline calls it when built with
+    tune_allocator=True, as the command line builds it: a library must not change its host's allocator unasked."""
     mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
     if mallopt is None:
         return False

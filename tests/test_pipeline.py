@@ -215,6 +215,21 @@ def test_default_size_is_the_models_resolution_or_the_init_images():
     assert pipe32.img2img(PROMPT, Image.new("RGB", (44, 20)), steps=1, seed=0)[0].size == (40, 16)
 
 
+def test_the_process_allocator_is_tuned_only_when_asked(tmp_path, monkeypatch):
+    """keep_freed_blocks changes glibc's malloc for the whole process: a library pipeline leaves it alone, one loaded
+    with tune_allocator=True (as the CLI loads it) sets it."""
+    import sdtorch
+    from sdtorch import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_blocks", lambda: calls.append("tuned") or True)
+    sdtorch.save(tiny_pipe(), tmp_path / "tiny.safetensors")
+    sdtorch.load(tmp_path / "tiny.safetensors", device="cpu").to("cpu")
+    assert calls == []
+    sdtorch.load(tmp_path / "tiny.safetensors", device="cpu", tune_allocator=True)
+    assert calls == ["tuned"]
+
+
 def test_released_weights_give_the_same_images(tmp_path, monkeypatch):
     """A model mapped from an fp32 file gives its weights' pages back after each phase; images do not change."""
     import sdtorch
