@@ -57,6 +57,28 @@ def test_feed_forward_in_chunks_equals_whole():
         assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
 
 
+def test_the_fast_forms_run_on_the_cpu_only(monkeypatch):
+    """Both rewrites were measured on the CPU alone; on another device (here "meta", which any torch has) the plain
+    forms run: the nearest-upsampled 3x3 conv, and the FeedForward on all tokens at once."""
+    from sdtorch.models import upsample
+    from sdtorch.models.attention import FeedForward
+
+    phases = []
+    monkeypatch.setattr(upsample, "upsample_conv", lambda x, conv: phases.append(x.device.type) or conv(
+        F.interpolate(x, scale_factor=2.0, mode="nearest")))
+    up = Upsample(4)
+    for device in ("cpu", "meta"):
+        assert up.to(device)(torch.zeros(1, 4, 3, 5, device=device)).shape == (1, 4, 6, 10)
+    assert phases == ["cpu"]
+    ff = FeedForward(8)
+    ff.whole_bytes, ff.chunk_bytes = 0, 1024  # rows of 256 bytes: chunks of 4 tokens
+    calls = []
+    ff.net.register_forward_hook(lambda module, args, out: calls.append(args[0].device.type))
+    for device in ("cpu", "meta"):
+        ff.to(device)(torch.zeros(1, 10, 8, device=device))
+    assert calls == ["cpu"] * 3 + ["meta"]
+
+
 needs_onednn = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN")
 
 
