@@ -310,4 +310,3 @@ def write_folder(out_dir: str | Path, count: int, seed: int = 0, size: int = 64)
             image.save(out / f"{name}.png")
             (out / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
             metadata.write(json.dumps({"file_name": f"{name}.png", "text": text}) + "\n")
-
