@@ -28,7 +28,7 @@ from ..diffusion.schedule import DiscreteSchedule
 from ..models import AutoencoderKL, CLIPTextModel, StableDiffusionModels
 from ..models.stable_diffusion import PREFIXES
 from ..models.vae import gaussian_kl
-from .engine import atomic_file
+from .checkpoints import atomic_file
 from .image_encoder import CLIPVisionConfig, CLIPVisionTransformer
 
 CONFIG_KEY = "sdtorch.config"  # the safetensors header entry holding the ModelConfig as JSON
