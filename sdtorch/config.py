@@ -82,7 +82,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         def build(klass, values):
             values = dict(values)
             for f in dataclasses.fields(klass):
@@ -101,7 +101,7 @@ class ModelConfig:
                 d[name] = build(klass, d[name])
         return build(cls, d)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -15,7 +15,7 @@ import functools
 import mmap
 import os
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ def release(tensors: Iterable[torch.Tensor]) -> int:
         for begin, end in _page_spans(tensors):
             droppable = _file_pages(fd, begin, end).astype(np.int8)
             edges = np.flatnonzero(np.diff(np.concatenate(([0], droppable, [0]))))  # run starts, run ends
-            for first, last in zip(edges[::2], edges[1::2]):
+            for first, last in zip(edges[::2], edges[1::2], strict=True):
                 address, length = begin + int(first) * PAGE, int(last - first) * PAGE
                 if _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), mmap.MADV_DONTNEED) == 0:
                     released += length

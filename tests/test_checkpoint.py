@@ -76,7 +76,8 @@ def forward_all(models: StableDiffusionModels, in_channels: int = 4):
 
 
 def assert_same_outputs(models, reference_models, in_channels: int = 4):
-    for ours, ref in zip(forward_all(models, in_channels), forward_all(reference_models, in_channels)):
+    for ours, ref in zip(forward_all(models, in_channels), forward_all(reference_models, in_channels),
+                         strict=True):
         assert max_rel_err(ours, ref) <= 1e-6
         assert torch.equal(ours, ref)  # same weights, same code: identical
 

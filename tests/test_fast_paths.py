@@ -27,7 +27,7 @@ def test_upsample_equals_interpolate_then_conv(shape, channels_last):
     grad = torch.randn(ref.shape)
     g_ref = torch.autograd.grad(ref, [x, up.conv.weight, up.conv.bias], grad)
     g_out = torch.autograd.grad(out, [x, up.conv.weight, up.conv.bias], grad)
-    for a, b in zip(g_out, g_ref):  # trainable through the kernel folding
+    for a, b in zip(g_out, g_ref, strict=True):  # trainable through the kernel folding
         assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
 
 
@@ -53,7 +53,7 @@ def test_feed_forward_in_chunks_equals_whole():
     assert ((chunked - whole).abs().max() / whole.abs().max()).item() < 1e-6
     grad = torch.randn(whole.shape)
     for a, b in zip(torch.autograd.grad(chunked, [x, ff.net[0].proj.weight], grad),
-                    torch.autograd.grad(whole, [x, ff.net[0].proj.weight], grad)):
+                    torch.autograd.grad(whole, [x, ff.net[0].proj.weight], grad), strict=True):
         assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
 
 
@@ -110,11 +110,12 @@ def test_packed_weights_equal_the_plain_layers(linear_proj):
             outs = [unet(*args) for args in inputs]
             was_packed = [p.packed is not None for p in packs]
         assert not _packs(unet) and all(p.packed is None for p in packs)  # the packs are freed
-        assert all(torch.equal(unet(*args), ref) for args, ref in zip(inputs, plain))  # plain again, bit for bit
+        # plain again, bit for bit
+        assert all(torch.equal(unet(*args), ref) for args, ref in zip(inputs, plain, strict=True))
     assert len(packs) == len(layers)
     upsample_convs = {id(m.conv) for m in unet.modules() if isinstance(m, Upsample)}  # they fold their own kernels
     assert was_packed == [id(p.layer) not in upsample_convs for p in packs]
-    for out, ref in zip(outs, plain):
+    for out, ref in zip(outs, plain, strict=True):
         # fp32: oneDNN's kernels sum in another order than MKL's; ~1e-6 relative per layer, through ~40 layers
         assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
 

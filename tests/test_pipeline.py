@@ -192,7 +192,7 @@ def pipe_to_pil(pixels):
 
 @torch.no_grad()
 def test_long_prompt_is_encoded_in_75_token_chunks(pipe):
-    words = "red green blue yellow purple orange white black circle square triangle".split()
+    words = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "circle", "square", "triangle"]
     prompt = " ".join(words[i % len(words)] for i in range(100))  # 100 tokens, no commas, no emphasis
     tok = pipe.tokenizer
     ids = tok.encode(prompt)

@@ -17,8 +17,8 @@ PNDM stop at ᾱ_0 (σ ≈ 0.029, "set_alpha_to_one=False"), ours step to σ = 0
 import difflib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -267,7 +267,7 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, n
         _report(callback, i, x, sigmas[i], denoised)
         ds = (ds + [to_d(x, sigmas[i], denoised)])[-order:]
         coeffs = [_lms_coefficient(sigmas_host, i, j, len(ds)) for j in range(len(ds))]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=True))
     return x
 
 
@@ -296,7 +296,7 @@ def sample_plms(model, x, sigmas, extra_args=None, callback=None, disable=None, 
             x = x + (d + d_2) / 2 * dt
             continue
         weights, denominator = _ADAMS_BASHFORTH[len(ds)]
-        x = x + sum(w * d for w, d in zip(weights, reversed(ds))) / denominator * dt
+        x = x + sum(w * d for w, d in zip(weights, reversed(ds), strict=True)) / denominator * dt
     return x
 
 
@@ -366,7 +366,7 @@ def _unipc_update(x, sigma, sigma_next, sigmas_hist, denoised_hist, variant, den
     m0 = denoised_hist[-1]
     # earlier points, newest first, at λ-offsets r_k·h from the base
     rks = [(-s.double().log().item() - lam) / h for s in reversed(sigmas_hist[:-1])]
-    d1s = [(m - m0) / rk for m, rk in zip(reversed(denoised_hist[:-1]), rks)]
+    d1s = [(m - m0) / rk for m, rk in zip(reversed(denoised_hist[:-1]), rks, strict=True)]
     if denoised_next is not None:
         rks.append(1.0)
         d1s.append(denoised_next - m0)
@@ -387,7 +387,7 @@ def _unipc_update(x, sigma, sigma_next, sigmas_hist, denoised_hist, variant, den
     else:
         r_matrix = torch.tensor([[rk**k for rk in rks] for k in range(len(rks))], dtype=torch.float64)
         rhos = torch.linalg.solve(r_matrix, torch.tensor(b, dtype=torch.float64)).tolist()
-    return x_next - b_h * sum(rho * d1 for rho, d1 in zip(rhos, d1s))
+    return x_next - b_h * sum(rho * d1 for rho, d1 in zip(rhos, d1s, strict=True))
 
 
 @torch.no_grad()
