@@ -5,7 +5,7 @@ A run directory holds:
     checkpoints/step-00001000.pt   training state (torch.save of tensors and plain containers; weights_only loads)
     log.jsonl                      one record per log interval ({"kind": "train", ...}) and per evaluation ("eval")
     samples/step-00001000.png      sample grids (UNet) or reconstructions (VAE) for fixed held-out items
-    loss.png                       the loss curve, drawn at the end
+    loss.png                       the loss curve, drawn at the end (with matplotlib, the `plots` extra)
     model.safetensors              the final model, in the native single-file layout
 Under torchrun every rank runs this loop on its slice of each global batch; only rank 0 writes.
 Its helpers: checkpoints.py (checkpoint files, RNG states), optim.py (AdamW's groups, LR schedule, EMA), plots.py.
