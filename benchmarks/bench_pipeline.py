@@ -114,7 +114,8 @@ def child(side: str, path: str, config_dir: str, steps: int, size: int, device: 
         total_s = time.perf_counter() - start
     # the decoded image in [-1, 1], so that the parent can compare the two sides (same weights, seed and sampler)
     torch.save(image.float().cpu(), Path(path).parent / f"image-{side}.pt")
-    step_times = [b - a for a, b in zip([start] + stamps[:-1], stamps, strict=True)][1:]  # the first includes prompt encoding
+    # the first step includes the prompt encoding
+    step_times = [b - a for a, b in zip([start] + stamps[:-1], stamps, strict=True)][1:]
     peak = (rss_kib("VmHWM") - baseline) * 1024
     out = {"load_s": load_s, "encode_s": statistics.median(encode_times), "step_s": statistics.median(step_times),
            "first_step_s": stamps[0] - start,
