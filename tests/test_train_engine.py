@@ -264,15 +264,22 @@ def test_two_gloo_processes_match_one_process(kind, tmp_path, frozen_parts):
     one = torch.load(list_checkpoints(tmp_path / "one")[-1], weights_only=True)
     assert ddp["world_size"] == 2 and len(ddp["rng"]) == 2
     # Float tolerance: the ranks' gradients are averaged in another order than one process sums them (~1e-7
-    # relative), and three Adam steps of lr 1e-3 keep the weights within 1e-5 (measured: 2e-6). The exception is
-    # CLIP's key biases: softmax ignores a shift shared by all keys, so their exact gradient is 0 and the computed
-    # one is rounding noise, which Adam normalizes into steps of up to lr: those may differ by up to 2·lr per step.
+    # relative), and three Adam steps of lr 1e-3 keep almost every weight within 1e-6. Adam divides each element's
+    # step by that element's own gradient size, though, so where an exact gradient nearly cancels over the batch the
+    # rounding of the other reduction order (2 ranks x 4 samples vs 1 x 8, which oneDNN blocks differently) becomes
+    # a visible part of the step: measured max 2e-6 on an AVX2 EPYC, 3.9e-5 (a UNet conv) on an AVX-512 Xeon. So: the
+    # mean within 1e-6, every weight within 1e-4 = a tenth of one step. The extreme case is CLIP's key biases:
+    # softmax ignores a shift shared by all keys, so their exact gradient is 0 and the computed one is rounding
+    # noise, which Adam normalizes into steps of up to lr: those may differ by up to 2·lr per step.
     noise_only = {k for k in one["model"] if k.endswith("self_attn.k_proj.bias")}
     diff = {k: (ddp["model"][k] - one["model"][k]).abs().max().item() for k in one["model"]}
-    assert max(v for k, v in diff.items() if k not in noise_only) < 1e-5
+    assert max(v for k, v in diff.items() if k not in noise_only) < 1e-4
+    mean = torch.cat([(ddp["model"][k] - one["model"][k]).abs().flatten() for k in one["model"] if k not in noise_only])
+    assert mean.mean().item() < 1e-6
     assert max((diff[k] for k in noise_only), default=0.0) < 2 * 1e-3 * 3
     if kind == "unet":
-        assert max((ddp["ema"][k] - one["ema"][k]).abs().max().item() for k in one["ema"]) < 1e-5
+        # the EMA follows the weights, so the same bound
+        assert max((ddp["ema"][k] - one["ema"][k]).abs().max().item() for k in one["ema"]) < 1e-4
     ddp_losses, one_losses = _losses(tmp_path / "ddp"), _losses(tmp_path / "one")
     assert all(abs(ddp_losses[s] - one_losses[s]) <= 1e-5 * abs(one_losses[s]) for s in one_losses)
 
