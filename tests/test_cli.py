@@ -75,7 +75,7 @@ def test_every_generation_option(model, vae_file, tmp_path):
     assert params_of(first[1]) == ("a (blue:1.2) square\nNegative prompt: green\nSteps: 3, Sampler: DPM++ 2M, "
                                    "Schedule type: Karras, CFG scale: 4.5, Seed: 12, Size: 48x32, Model hash: "
                                    + params_of(first[1]).split("Model hash: ")[1].split(",")[0]
-                                   + ", Model: tiny, Clip skip: 2")
+                                   + ", Model: tiny, Clip skip: 2, RNG: CPU")
     r = sdtorch(*args)  # a second run never overwrites: numbering continues
     assert r.returncode == 0, r.stderr
     assert [p.name for p in sorted(folder.glob("*.png"))] == ["00000-11.png", "00001-12.png", "00002-11.png",

@@ -131,8 +131,10 @@ class BrownianTreeNoise:
     def __call__(self, sigma, sigma_next) -> torch.Tensor:
         a, b = torch.as_tensor(sigma).cpu(), torch.as_tensor(sigma_next).cpu()
         lo, hi, sign = (a, b, 1) if a < b else (b, a, -1)
-        # the tree answers W(hi) − W(lo); from σ to σ_next that is the increment with σ_next's sign
-        w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
+        with warnings.catch_warnings():  # σ_min in float32 lies a rounding below the tree's float start: harmless
+            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+            # the tree answers W(hi) − W(lo); from σ to σ_next that is the increment with σ_next's sign
+            w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
         return (w / (b - a).abs().sqrt()).to(self.like.device, self.like.dtype)
 
 

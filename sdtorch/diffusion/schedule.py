@@ -195,32 +195,35 @@ def normal_sigmas(schedule: DiscreteSchedule, steps: int, spacing: str | None = 
     _check_steps(steps, schedule)
     if spacing is None:
         ends = schedule.sigma_to_t(torch.tensor([schedule.sigma_max, schedule.sigma_min], dtype=torch.float64))
-        t = torch.linspace(ends[0].item(), ends[1].item(), steps, dtype=torch.float64)
+        return _append_zero(_t_to_sigma_float32(schedule, torch.linspace(ends[0].item(), ends[1].item(), steps)))
     else:
         t = spaced_timesteps(steps, spacing, schedule.num_train_timesteps)
     return _append_zero(schedule.t_to_sigma(t))
 
 
 def karras_sigmas(schedule: DiscreteSchedule, steps: int, rho: float = 7.0) -> Tensor:
-    """Evenly spaced in σ^(1/ρ) from σ_max to σ_min (Karras et al. 2022, eq. 5)."""
+    """Evenly spaced in σ^(1/ρ) from σ_max to σ_min (Karras et al. 2022, eq. 5).
+
+    In float32 as k-diffusion computes it: A1111's Brownian-tree noise depends on the σs to the last bit (a one-ulp
+    change in σ moves the tree's noise by ~1e-4), so these σs must be k-diffusion's own."""
     _check_steps(steps, schedule)
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float32)
     max_inv_rho, min_inv_rho = schedule.sigma_max ** (1 / rho), schedule.sigma_min ** (1 / rho)
     return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
 
 
 def exponential_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
-    """Evenly spaced in log σ from σ_max to σ_min (k-diffusion's get_sigmas_exponential)."""
+    """Evenly spaced in log σ from σ_max to σ_min (k-diffusion's get_sigmas_exponential, in its float32)."""
     _check_steps(steps, schedule)
-    log_sigmas = torch.linspace(math.log(schedule.sigma_max), math.log(schedule.sigma_min), steps, dtype=torch.float64)
+    log_sigmas = torch.linspace(math.log(schedule.sigma_max), math.log(schedule.sigma_min), steps, dtype=torch.float32)
     return _append_zero(log_sigmas.exp())
 
 
 def sgm_uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
     """σ at n+1 evenly spaced timesteps from T−1 to 0 with the last dropped (ComfyUI's "sgm_uniform")."""
     _check_steps(steps, schedule)
-    t = torch.linspace(schedule.num_train_timesteps - 1, 0, steps + 1, dtype=torch.float64)[:-1]
-    return _append_zero(schedule.t_to_sigma(t))
+    t = torch.linspace(schedule.num_train_timesteps - 1, 0, steps + 1)[:-1]
+    return _append_zero(_t_to_sigma_float32(schedule, t))
 
 
 def simple_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
@@ -238,15 +241,22 @@ def uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
     """σ at n evenly spaced (fractional) timesteps from T−1 down to 0 (k-diffusion's DiscreteSchedule.get_sigmas,
     A1111's "Uniform" and, in exact arithmetic, its "Normal"). One step is σ_max alone."""
     _check_steps(steps, schedule)
-    t = torch.linspace(schedule.num_train_timesteps - 1, 0, steps, dtype=torch.float64)
-    return _append_zero(schedule.t_to_sigma(t))
+    return _append_zero(_t_to_sigma_float32(schedule, torch.linspace(schedule.num_train_timesteps - 1, 0, steps)))
+
+
+def _t_to_sigma_float32(schedule: DiscreteSchedule, t: Tensor) -> Tensor:
+    """σ(t) interpolated in log σ as k-diffusion's DiscreteSchedule.t_to_sigma computes it, in float32 from float32 t:
+    A1111's σs to the last bit (the Brownian-tree noise of its SDE samplers depends on them; see karras_sigmas)."""
+    log_sigmas = schedule.sigmas.log()
+    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+    return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
 
 
 def polyexponential_sigmas(schedule: DiscreteSchedule, steps: int, rho: float = 1.0) -> Tensor:
     """log σ = log σ_min + r^ρ·(log σ_max − log σ_min) for r from 1 down to 0 (k-diffusion's
     get_sigmas_polyexponential; A1111's default ρ = 1 makes it the exponential schedule)."""
     _check_steps(steps, schedule)
-    ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** rho
+    ramp = torch.linspace(1, 0, steps, dtype=torch.float32) ** rho  # float32, as k-diffusion (see karras_sigmas)
     log_min, log_max = math.log(schedule.sigma_min), math.log(schedule.sigma_max)
     return _append_zero((ramp * (log_max - log_min) + log_min).exp())
 
@@ -255,9 +265,10 @@ def kl_optimal_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
     """n+1 σs evenly spaced in arctan σ from σ_max to σ_min (Sabour et al. 2024, "Align Your Steps", eq. 9). As in
     A1111 the list ends at σ_min, not 0: the sampler's last step lands there and the image keeps that noise."""
     _check_steps(steps, schedule)
-    frac = torch.arange(steps + 1, dtype=torch.float64) / steps
-    angle = frac * math.atan(schedule.sigma_min) + (1 - frac) * math.atan(schedule.sigma_max)
-    return angle.tan().float()
+    # in float32 as A1111 computes it (see karras_sigmas for why the last bit matters)
+    atan_min, atan_max = torch.tensor(schedule.sigma_min).atan(), torch.tensor(schedule.sigma_max).atan()
+    frac = torch.arange(steps + 1) / steps
+    return (frac * atan_min + (1.0 - frac) * atan_max).tan()
 
 
 # NVIDIA's published 10-step Align Your Steps σs for SD 1.5 (research.nvidia.com/labs/toronto-ai/AlignYourSteps)
