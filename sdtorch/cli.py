@@ -36,7 +36,8 @@ def add_generate(sub) -> None:
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7)")
     p.add_argument("--sampler", help='A1111 sampler name (default "DPM++ 2M"), e.g. "Euler a", "DPM++ 2M Karras"')
     p.add_argument("--schedule", help="A1111 schedule type: automatic (the sampler's default), uniform, karras, "
-                   "exponential, polyexponential, sgm_uniform, kl_optimal, align_your_steps, simple, normal, ddim, beta")
+                   "exponential, polyexponential, sgm_uniform, kl_optimal, align_your_steps, simple, normal, ddim, "
+                   "beta")
     p.add_argument("--rng", type=str.lower, choices=["cpu", "nv", "gpu"],
                    help="noise source: cpu (default; torch's CPU generator) or nv (CUDA's stream, A1111's GPU/NV)")
     p.add_argument("--img2img-fix-steps", action="store_true",

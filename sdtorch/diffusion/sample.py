@@ -147,7 +147,7 @@ def sample(denoiser, sampler: str | SamplerInfo, steps: int, schedule: DiscreteS
     sigmas = p.sigmas.to(device)
     if init_latent is None:
         # pure noise at σ_0; a VP sampler's unit-variance x_T is σ_0·sqrt(1 + 1/σ_0²) in σ-space
-        x = noise * (sigmas[0] ** 2 + 1) ** 0.5 if p.vp_start else noise * sigmas[0]
+        x = noise * (sigmas[0] * (1 + sigmas[0] ** -2) ** 0.5) if p.vp_start else noise * sigmas[0]
     else:
         init_latent = init_latent.to(device)
         if len(sigmas) < 2 and not p.vp_start:  # nothing to denoise (strength 0)
