@@ -90,13 +90,14 @@ def a1111_settings(stored: dict) -> dict:
     """Settings from a PNG's parameters, read as A1111 means them: no "RNG" key is A1111's default GPU noise
     (reproduced by the NV generator); "Denoising strength" of a hires-fixed txt2img image is the second pass's;
     DDIM, PLMS and UniPC run on A1111's own timesteps whatever "Schedule type" says."""
+    from .diffusion.noise import resolve_rng
     from .diffusion.sample import A1111_TIMESTEP_SAMPLERS
     from .diffusion.samplers import parse_sampler_name
 
     stored = dict(stored)
     stored.pop("model", None)
     stored.pop("model_hash", None)
-    stored.setdefault("rng", "nv")
+    stored["rng"] = resolve_rng(stored.get("rng", "GPU"))
     if "hires_scale" in stored or "hires_resize" in stored:
         stored.setdefault("hires_scale", None)
         if "strength" in stored:
