@@ -295,3 +295,21 @@ def test_nv_noise_is_per_image_and_continues(schedule):
     g = PhiloxGenerator(5)
     g.randn((4,))
     assert torch.equal(rng.draw((4,))[0], g.randn((4,)))
+
+
+def test_a1111_unipc_feeds_the_unet_its_time_uniform_timesteps(schedule):
+    # A1111 passes the model t_input = (t − 1/N)·1000, i.e. 999 … 0 evenly spaced; ours goes σ -> t via log α
+    seen = []
+
+    class Recorder:  # has a `schedule`, like CFGDenoiser, and records the timestep the UNet would get
+        def __init__(self):
+            self.schedule = schedule
+
+        def __call__(self, x, sigma):
+            seen.append(float(self.schedule.sigma_to_t(sigma.reshape(-1)[:1])))
+            return x * 0.5
+
+    sample(Recorder(), "UniPC", 10, schedule, SeededNoise(0, 1), (1, 2, 2))
+    expected = np.linspace(999, 0, 11)[:-1]  # the last point is never evaluated (no final corrector)
+    # the σs are float32, so t is A1111's to float32 resolution at t ≈ 1000 (6e-5)
+    assert np.abs(np.array(seen) - expected).max() < 1e-4

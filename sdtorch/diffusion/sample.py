@@ -14,6 +14,7 @@ Two conventions decide the details where A1111 and diffusers differ:
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ class Plan:
     vp_start: bool = False  # x_start is a VP sample (unit variance for txt2img), re-expressed at σ_0
     vp_end: bool = False  # the result is the VP sample at the last σ: divide by sqrt(1 + σ²)
     sampler_options: tuple = ()
+    log_alpha_timesteps: bool = False  # σ ↔ t by UniPC's log-α interpolation instead of log σ (LogAlphaTimesteps)
 
 
 def img2img_steps(steps: int, strength: float, fix_steps: bool = False) -> tuple[int, int]:
@@ -127,7 +129,25 @@ def _plan_a1111_timesteps(info, schedule, steps, strength, fix_steps) -> Plan:
     if len(kept) == 0:
         sigmas = torch.tensor([noise_sigma])  # nothing to run: the noised image is the result (A1111's too)
     return Plan(sigmas.float(), sigmas.float(), noise_sigma, vp_start=True, vp_end=True,
-                sampler_options=info.a1111_options)
+                sampler_options=info.a1111_options, log_alpha_timesteps=info.name == "UniPC")
+
+
+class LogAlphaTimesteps:
+    """σ → t as UniPC's NoiseScheduleVP maps them: log α = ½ log ᾱ linear between training timesteps. Between
+    them this t differs from the log-σ interpolation (DiscreteSchedule.sigma_to_t) by up to ~0.003."""
+
+    def __init__(self, schedule: DiscreteSchedule):
+        self.schedule = schedule
+        self.log_alpha = 0.5 * schedule.alphas_cumprod.double().log()  # (T,), decreasing
+
+    def sigma_to_t(self, sigma: Tensor, quantize: bool = False) -> Tensor:
+        sigma = torch.as_tensor(sigma)
+        log_a = -0.5 * torch.log1p(sigma.detach().to("cpu", torch.float64).reshape(-1) ** 2)  # α = 1/sqrt(1 + σ²)
+        # the last training timestep whose log α is >= the query, and the fraction of the way to the next one
+        low = (self.log_alpha[:, None] >= log_a).sum(0).sub(1).clamp(0, len(self.log_alpha) - 2)
+        w = (self.log_alpha[low] - log_a) / (self.log_alpha[low] - self.log_alpha[low + 1])
+        t = low + w.clamp(0, 1)
+        return (t.round() if quantize else t).to(sigma.device, torch.float32).reshape(sigma.shape)
 
 
 @torch.no_grad()
@@ -157,6 +177,9 @@ def sample(denoiser, sampler: str | SamplerInfo, steps: int, schedule: DiscreteS
             x = x * ((sigmas[0] ** 2 + 1) / (p.noise_sigma ** 2 + 1)) ** 0.5
     if len(sigmas) < 2:
         return x / (1 + sigmas[-1] ** 2) ** 0.5 if p.vp_end else x
+    if p.log_alpha_timesteps and hasattr(denoiser, "schedule"):
+        denoiser = copy.copy(denoiser)  # A1111's UniPC feeds the UNet the timestep its log-α interpolation gives
+        denoiser.schedule = LogAlphaTimesteps(schedule)
     if latent_mask is not None:
         denoiser = _BlendDenoiser(denoiser, init_latent, noise, latent_mask)
 
