@@ -462,7 +462,7 @@ _SAMPLER_LIST = [
                 brownian_noise=True),
     SamplerInfo("DPM++ SDE", sample_dpmpp_sde, ("dpmpp_sde", "k_dpmpp_sde"), True, "karras", brownian_noise=True),
     # A1111's options uni_pc_variant "bh1", uni_pc_order 3 (and "time_uniform", lower order final: see sample.py)
-    SamplerInfo("UniPC", sample_unipc, ("uni_pc", "unipc", "uni_pc_bh2"), False,
+    SamplerInfo("UniPC", sample_unipc, ("uni_pc", "unipc"), False,
                 a1111_options=(("order", 3), ("variant", "bh1"))),
     SamplerInfo("LCM", sample_lcm, ("lcm",), True, "sgm_uniform", vp=True),
 ]
