@@ -201,8 +201,34 @@ def ddim_a1111(eps_model, x, timesteps, alphas_cumprod):
     return x
 
 
-def test_ddim_equals_a1111s_vp_loop(schedule):
-    # a linear ε-model, evaluated in VP at integer timesteps; ours runs in σ-space through the same denoiser maths
+def plms_a1111(eps_model, x, timesteps, alphas_cumprod):
+    """A1111's PLMS (sd_samplers_timesteps_impl.plms) in VP, from its description: the first step averages ε at both
+    ends (pseudo improved Euler), later ones use Adams–Bashforth weights on the ε history."""
+    a = alphas_cumprod.double()
+
+    def step(x, e, t, t_prev):
+        x0 = (x - (1 - a[t]).sqrt() * e) / a[t].sqrt()
+        return a[t_prev].sqrt() * x0 + (1 - a[t_prev]).sqrt() * e
+
+    old = []
+    for index in range(len(timesteps) - 1, 0, -1):
+        t, t_prev = timesteps[index], timesteps[index - 1]
+        e = eps_model(x, t)
+        if not old:
+            e_prime = (e + eps_model(step(x, e, t, t_prev), t_prev)) / 2
+        elif len(old) == 1:
+            e_prime = (3 * e - old[-1]) / 2
+        elif len(old) == 2:
+            e_prime = (23 * e - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e_prime = (55 * e - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = step(x, e_prime, t, t_prev)
+        old = (old + [e])[-3:]
+    return x
+
+
+@pytest.mark.parametrize("name, reference", [("DDIM", ddim_a1111), ("PLMS", plms_a1111)])
+def test_ddim_and_plms_equal_a1111s_vp_loops(name, reference, schedule):
     weight = torch.linspace(-0.3, 0.3, 16, dtype=torch.float64).reshape(1, 1, 4, 4)
 
     def eps_model(x_vp, t):
@@ -213,10 +239,9 @@ def test_ddim_equals_a1111s_vp_loop(schedule):
         x_vp = x / (1 + sigma.double() ** 2) ** 0.5
         return x - sigma.double() * eps_model(x_vp, t)
 
-    rng = SeededNoise(3, 1)
-    ours = sample(denoiser, "DDIM", 10, schedule, rng, (1, 4, 4))
-    x_t = SeededNoise(3, 1).draw((1, 4, 4)).double()
-    theirs = ddim_a1111(eps_model, x_t, a1111_timesteps(10), schedule.alphas_cumprod)
+    ours = sample(denoiser, name, 8, schedule, SeededNoise(3, 1), (1, 4, 4))
+    theirs = reference(eps_model, SeededNoise(3, 1).draw((1, 4, 4)).double(), a1111_timesteps(8),
+                       schedule.alphas_cumprod)
     torch.testing.assert_close(ours.double(), theirs, rtol=1e-6, atol=1e-7)
 
 

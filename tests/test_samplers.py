@@ -99,6 +99,13 @@ CASES = {
                          vp=True, noise="generator"),
     "DPM++ SDE": Case("DPM++ SDE", "DPMSolverSDEScheduler", dict(timestep_spacing="leading"), noise="noise_sampler"),
     "UniPC": Case("UniPC", "UniPCMultistepScheduler", dict(timestep_spacing="trailing"), sigmas="trailing", vp=True),
+    # A1111's UniPC settings (variant bh1, order 3, lower order at the end), ending at σ_min as A1111's does (diffusers'
+    # bh1 step to σ = 0 is NaN); diffusers ports the same UniPC code
+    "UniPC bh1 order 3": Case("UniPC", "UniPCMultistepScheduler",
+                              dict(timestep_spacing="trailing", solver_type="bh1", solver_order=3,
+                                   final_sigmas_type="sigma_min"),
+                              sigmas="trailing", vp=True, end_at_alpha_0=True,
+                              sampler_kwargs=dict(order=3, variant="bh1")),
     "LCM": Case("LCM", "LCMScheduler", {}, sigmas="timesteps", vp=True, noise="generator"),
 }
 
