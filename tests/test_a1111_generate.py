@@ -179,7 +179,7 @@ def test_every_sampler_has_an_a1111_plan():
 def test_from_an_a1111_img2img_text_keeps_its_strength_and_step_rule(tmp_path, pipe):
     s = settings_from(tmp_path, "a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 2, "
                       "Size: 64x64, Denoising strength: 0.45, RNG: CPU")
-    assert s["strength"] == 0.45 and s["rng"] == "cpu" and "hires_strength" not in s
+    assert s["strength"] == 0.45 and s["rng"] == "cpu" and s["hires_strength"] is None  # an img2img strength
     p = plan(get_sampler(s["sampler"]), pipe.schedule, s["steps"], s["schedule"], strength=s["strength"])
     # A1111: t_enc = int(0.45·20) = 9, so 10 steps from σ[20 − 9 − 1] of the 20-step Karras schedule
     assert torch.equal(p.sigmas, get_sigmas(pipe.schedule, 20, "karras")[10:])
