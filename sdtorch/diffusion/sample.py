@@ -27,6 +27,9 @@ from .schedule import DiscreteSchedule
 
 CONVENTIONS = ("a1111", "diffusers")
 A1111_TIMESTEP_SAMPLERS = ("DDIM", "PLMS", "UniPC")  # A1111 runs these on its own timesteps, ignoring the schedule
+# A1111's own samplers (the others it runs with k-diffusion's σ functions); DDPM and LCM are not among them
+SAMPLER_NAMES_A1111 = ("Euler", "Euler a", "Heun", "LMS", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE",
+                       *A1111_TIMESTEP_SAMPLERS)
 
 
 @dataclass
@@ -104,11 +107,6 @@ def plan(info: SamplerInfo, schedule: DiscreteSchedule, steps: int, schedule_nam
                 sampler_options=options)
 
 
-# A1111's own samplers (the ones it runs with k-diffusion's σ functions); DDPM and LCM are not among them
-SAMPLER_NAMES_A1111 = ("Euler", "Euler a", "Heun", "LMS", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE",
-                       "DDIM", "PLMS", "UniPC")
-
-
 def _plan_a1111_timesteps(info, schedule, steps, strength, fix_steps) -> Plan:
     """A1111's DDIM, PLMS and UniPC (modules/sd_samplers_timesteps*.py) in σ-space. They run in VP: txt2img starts
     from unit-variance noise, and the result is the VP sample at the last timestep. img2img keeps t_enc of the
@@ -119,15 +117,15 @@ def _plan_a1111_timesteps(info, schedule, steps, strength, fix_steps) -> Plan:
     ts = a1111_timesteps(total, schedule.num_train_timesteps)
     kept = ts if t_enc is None else ts[:t_enc]
     noise_sigma = math.inf if t_enc is None else schedule.sigmas[ts[t_enc]].item()
-    if info.name == "UniPC":
-        # time-uniform steps from the last kept timestep down to t = 0 (σ_min); as many steps as timesteps kept
-        t_start = float(schedule.num_train_timesteps - 1) if t_enc is None else float(kept[-1]) if len(kept) else 0.0
-        sigmas = unipc_time_uniform_sigmas(schedule, t_start, len(kept)) if len(kept) else torch.zeros(1)
-    else:
-        # the model is evaluated at kept[-1] … kept[1]; the last step lands on kept[0] (t = 1), not on ᾱ_0
-        sigmas = schedule.sigmas[kept.flip(0)] if len(kept) else torch.zeros(1)
     if len(kept) == 0:
         sigmas = torch.tensor([noise_sigma])  # nothing to run: the noised image is the result (A1111's too)
+    elif info.name == "UniPC":
+        # time-uniform steps from the last kept timestep down to t = 0 (σ_min); as many steps as timesteps kept
+        t_start = float(schedule.num_train_timesteps - 1) if t_enc is None else float(kept[-1])
+        sigmas = unipc_time_uniform_sigmas(schedule, t_start, len(kept))
+    else:
+        # the model is evaluated at kept[-1] … kept[1]; the last step lands on kept[0] (t = 1), not on ᾱ_0
+        sigmas = schedule.sigmas[kept.flip(0)]
     return Plan(sigmas.float(), sigmas.float(), noise_sigma, vp_start=True, vp_end=True,
                 sampler_options=info.a1111_options, log_alpha_timesteps=info.name == "UniPC")
 
