@@ -18,8 +18,9 @@ import sdtorch
 from sdtorch.config import CLIPTextConfig, ModelConfig, VAEConfig
 from sdtorch.models import AutoencoderKL, CLIPTextModel
 from sdtorch.train.cli import TINY, add_train_parser, model_settings, run_train
-from sdtorch.train.engine import (EMA, atomic_file, image_grid, list_checkpoints, plot_curve, resolve_resume,
-                                  warmup_cosine)
+from sdtorch.train.checkpoints import atomic_file, list_checkpoints, resolve_resume
+from sdtorch.train.optim import EMA, warmup_cosine
+from sdtorch.train.plots import image_grid, save_loss_plot, smooth
 from sdtorch.train.objectives import load_parts, save_parts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,10 +302,9 @@ def test_ema_warms_up_and_swaps_weights_in_and_out():
 def test_atomic_file_leaves_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "x.bin"
     path.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with atomic_file(path) as f:
-            f.write(b"new, half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_file(path) as f:
+        f.write(b"new, half")
+        raise RuntimeError("crash mid-write")
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
     with atomic_file(path) as f:
         f.write(b"new")
@@ -314,8 +314,20 @@ def test_atomic_file_leaves_the_old_file_when_writing_fails(tmp_path):
     assert resolve_resume("latest", tmp_path) is None
 
 
-def test_pictures():
+def test_pictures(tmp_path):
     grid = image_grid([-torch.ones(3, 3, 8, 8), torch.ones(2, 3, 8, 8)])
     assert grid.size == (24, 16) and grid.getpixel((0, 0)) == (0, 0, 0) and grid.getpixel((0, 8)) == (255, 255, 255)
-    curve = plot_curve(list(range(1, 101)), [1 / s for s in range(1, 101)], "loss")
-    assert curve.size == (640, 360) and len(curve.getcolors(maxcolors=1 << 16)) > 3  # something was drawn
+    records = [{"kind": "train", "step": s, "loss": 1 / s} for s in range(1, 101)] + [{"kind": "eval", "step": 50,
+                                                                                       "loss": 0.02}]
+    assert save_loss_plot(records, tmp_path / "loss.png")
+    with Image.open(tmp_path / "loss.png") as curve:
+        assert curve.size == (640, 360) and len(curve.convert("RGB").getcolors(maxcolors=1 << 16)) > 3  # drawn
+
+
+def test_the_smoothed_loss_tracks_the_data():
+    """The centered average has no lag: a straight line (a steadily falling loss) comes out unchanged, to its ends,
+    while noise around it shrinks by about the square root of the window."""
+    line = torch.linspace(2.0, 1.0, 200, dtype=torch.float64).numpy()
+    assert abs(smooth(line, 11) - line).max() < 1e-12
+    noise = torch.randn(200, generator=torch.Generator().manual_seed(0)).double().numpy()
+    assert (smooth(line + noise, 11) - line)[5:-5].std() < 0.45 * noise.std()  # 1/sqrt(11) = 0.30

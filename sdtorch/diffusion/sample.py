@@ -183,7 +183,7 @@ def sample(denoiser, sampler: str | SamplerInfo, steps: int, schedule: DiscreteS
 
     kwargs = dict(p.sampler_options)
     if eta is not None:
-        if "eta" not in _parameters(info.fn):
+        if not info.takes_eta:
             raise ValueError(f"sampler {info.name} takes no eta")
         kwargs["eta"] = eta
     noise_sampler = None
@@ -196,12 +196,6 @@ def sample(denoiser, sampler: str | SamplerInfo, steps: int, schedule: DiscreteS
     if p.vp_end:  # the VP sample at the last σ is sqrt(ᾱ)·x
         x = x / (1 + sigmas[-1] ** 2) ** 0.5
     return x
-
-
-def _parameters(fn) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(fn).parameters)
 
 
 class _BlendDenoiser:
