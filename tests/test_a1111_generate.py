@@ -167,7 +167,7 @@ def test_cli_refuses_a_network_upscaler_in_one_line(tmp_path):
     import sys
 
     r = subprocess.run([sys.executable, "-m", "sdtorch.cli", "generate", "x", "--hires-upscaler", "4x-UltraSharp"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "hires upscaler '4x-UltraSharp' is not available" in r.stderr
 
