@@ -23,7 +23,9 @@ class CLIError(Exception):
 # -- generate -------------------------------------------------------------------------------------------------------
 # width/height None: the model's native resolution (512 for SD 1.x, 64 for the built-in model)
 GENERATE_DEFAULTS = dict(negative="", steps=20, cfg=7.0, sampler="DPM++ 2M", schedule=None, seed=-1, width=None,
-                         height=None, batch=1, strength=None, clip_skip=1)
+                         height=None, batch=1, strength=None, clip_skip=1, rng=None, hires_scale=None,
+                         hires_steps=None, hires_upscaler=None, hires_strength=None)
+HIRES_KEYS = ("hires_scale", "hires_resize", "hires_steps", "hires_upscaler", "hires_strength")
 
 
 def add_generate(sub) -> None:
@@ -33,7 +35,19 @@ def add_generate(sub) -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7)")
     p.add_argument("--sampler", help='A1111 sampler name (default "DPM++ 2M"), e.g. "Euler a", "DPM++ 2M Karras"')
-    p.add_argument("--schedule", help="sigma schedule: normal, karras, exponential, sgm_uniform, simple")
+    p.add_argument("--schedule", help="A1111 schedule type: automatic (the sampler's default), uniform, karras, "
+                   "exponential, polyexponential, sgm_uniform, kl_optimal, align_your_steps, simple, normal, ddim, "
+                   "beta")
+    p.add_argument("--rng", type=str.lower, choices=["cpu", "nv", "gpu"],
+                   help="noise source: cpu (default; torch's CPU generator) or nv (CUDA's stream, A1111's GPU/NV)")
+    p.add_argument("--img2img-fix-steps", action="store_true",
+                   help="img2img runs exactly --steps steps whatever the strength (A1111's option)")
+    p.add_argument("--hires-scale", type=float, help="hires fix: upscale the first pass by this factor")
+    p.add_argument("--hires-steps", type=int, help="hires fix: steps of the second pass (default: --steps)")
+    p.add_argument("--hires-upscaler", help='hires fix upscaler: "Latent" (default), "Latent (antialiased)", '
+                   '"Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)", '
+                   '"Lanczos", "Nearest", "None"')
+    p.add_argument("--hires-strength", type=float, help="hires fix: denoising strength of the second pass (0.7)")
     p.add_argument("--seed", type=int, help="-1 (default) = random; the seed used is printed")
     p.add_argument("--width", type=int, help="default: the model's native resolution")
     p.add_argument("--height", type=int)
@@ -62,12 +76,7 @@ def generation_settings(args) -> dict:
         text = read_png_parameters(args.from_png)
         prompt, negative, params = parse_parameters(text)
         settings.update(prompt=prompt, negative=negative)
-        stored = params_to_kwargs(params)
-        stored.pop("model", None)
-        stored.pop("model_hash", None)
-        if stored.get("schedule"):
-            stored["schedule"] = stored["schedule"].lower().replace(" ", "_")
-        settings.update(stored)
+        settings.update(a1111_settings(params_to_kwargs(params)))
     for key in list(GENERATE_DEFAULTS) + ["prompt"]:
         value = getattr(args, key, None)
         if value is not None:
@@ -75,6 +84,27 @@ def generation_settings(args) -> dict:
     if settings.get("prompt") is None:
         raise CLIError("a prompt is required (or --from IMAGE.png)")
     return settings
+
+
+def a1111_settings(stored: dict) -> dict:
+    """Settings from a PNG's parameters, read as A1111 means them: no "RNG" key is A1111's default GPU noise
+    (reproduced by the NV generator); "Denoising strength" of a hires-fixed txt2img image is the second pass's;
+    DDIM, PLMS and UniPC run on A1111's own timesteps whatever "Schedule type" says."""
+    from .diffusion.noise import resolve_rng
+    from .diffusion.sample import A1111_TIMESTEP_SAMPLERS
+    from .diffusion.samplers import parse_sampler_name
+
+    stored = dict(stored)
+    stored.pop("model", None)
+    stored.pop("model_hash", None)
+    stored["rng"] = resolve_rng(stored.get("rng", "GPU"))
+    if "hires_scale" in stored or "hires_resize" in stored:
+        stored.setdefault("hires_scale", None)
+        if "strength" in stored:
+            stored["hires_strength"] = stored.pop("strength")
+    if "sampler" in stored and parse_sampler_name(stored["sampler"])[0].name in A1111_TIMESTEP_SAMPLERS:
+        stored.pop("schedule", None)
+    return stored
 
 
 def read_png_parameters(path: str) -> str:
@@ -93,7 +123,8 @@ def read_png_parameters(path: str) -> str:
 
 def validate_settings(s: dict, args) -> None:
     """Check everything that can be checked before the (slow) model load."""
-    from .diffusion.samplers import parse_sampler_name
+    from .diffusion.samplers import parse_sampler_name, resolve_schedule
+    from .hires import resolve_upscaler
 
     for name in ("width", "height"):
         if s[name] is not None and (s[name] <= 0 or s[name] % 8):
@@ -107,6 +138,15 @@ def validate_settings(s: dict, args) -> None:
     if s["clip_skip"] < 1:
         raise CLIError(f"--clip-skip must be at least 1, got {s['clip_skip']}")
     parse_sampler_name(s["sampler"])  # ValueError naming the closest sampler
+    resolve_schedule(s["schedule"])
+    if s.get("hires_upscaler") is not None:
+        resolve_upscaler(s["hires_upscaler"])  # ValueError naming the upscalers sdtorch has
+    if s.get("hires_strength") is not None and not 0.0 <= s["hires_strength"] <= 1.0:
+        raise CLIError(f"--hires-strength must be in [0, 1], got {s['hires_strength']}")
+    if s.get("hires_scale") is not None and s["hires_scale"] <= 0:
+        raise CLIError(f"--hires-scale must be positive, got {s['hires_scale']}")
+    if s.get("hires_steps") is not None and s["hires_steps"] < 0:
+        raise CLIError(f"--hires-steps must be at least 0, got {s['hires_steps']}")
     if args.mask and not args.init_image:
         raise CLIError("--mask needs --init-image")
 
@@ -166,6 +206,14 @@ def run_generate(args) -> int:
     pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype, tune_allocator=True)
     prompt, negative = s.pop("prompt"), s.pop("negative")
     strength = s.pop("strength")
+    s = {k: v for k, v in s.items() if v is not None or k in ("width", "height", "schedule")}  # None: the default
+    if args.img2img_fix_steps:
+        s["img2img_fix_steps"] = True
+    if init is not None:  # hires fix is a txt2img pass
+        for key in HIRES_KEYS:
+            s.pop(key, None)
+    elif any(key in s for key in HIRES_KEYS) and "hires_scale" not in s and "hires_resize" not in s:
+        s["hires_scale"] = 2.0  # A1111's default upscale when only the other hires options are given
     progress = None if args.quiet else make_progress_bar()
     signal.signal(signal.SIGINT, lambda *_: pipe.interrupt())  # stop after the current step
     start = time.perf_counter()
@@ -226,11 +274,18 @@ def run_info(args) -> int:
 def run_samplers(args) -> int:
     from .diffusion.samplers import SAMPLERS, SCHEDULES
 
-    print("samplers:")
+    from .diffusion.samplers import SCHEDULE_LABELS
+    from .hires import UPSCALERS
+
+    print("samplers (A1111 name, its \"Automatic\" schedule, aliases):")
     for name, info in SAMPLERS.items():
         aliases = ", ".join(info.aliases)
-        print(f"  {name:<14} {'(stochastic) ' if info.stochastic else ''}aliases: {aliases}")
-    print("schedules: " + ", ".join(SCHEDULES))
+        automatic = info.default_schedule or ("A1111 timesteps" if name in ("DDIM", "PLMS", "UniPC") else "uniform")
+        notes = [automatic] + ["stochastic"] * info.stochastic + ["Brownian-tree noise"] * info.brownian_noise
+        notes += ["drops the next-to-last sigma"] * info.discard_penultimate
+        print(f"  {name:<14} {'; '.join(notes)}. aliases: {aliases}")
+    print("schedules: " + ", ".join(f"{n} ({SCHEDULE_LABELS[n]})" for n in ["automatic", *SCHEDULES]))
+    print("hires upscalers: " + ", ".join(UPSCALERS))
     print('combine them as A1111 does: --sampler "DPM++ 2M Karras", or --sampler "DPM++ 2M" --schedule karras')
     return 0
 

@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from ..checkpoint import save_checkpoint
 from ..config import CLIPTextConfig, ModelConfig, VAEConfig
 from ..diffusion.guidance import CFGDenoiser
-from ..diffusion.samplers import get_sampler, get_sigmas
+from ..diffusion.noise import SeededNoise
+from ..diffusion.sample import sample
 from ..diffusion.schedule import DiscreteSchedule
 from ..models import AutoencoderKL, CLIPTextModel, StableDiffusionModels
 from ..models.stable_diffusion import PREFIXES
@@ -383,14 +384,12 @@ class UNetObjective(nn.Module):
         n, device = ids.shape[0], ids.device
         cond = self.models.text_encoder(ids)
         uncond = self.models.text_encoder(self.empty_ids.to(device).expand(n, -1))
-        info = get_sampler(sampler)
-        sigmas = get_sigmas(self.schedule, steps, info.default_schedule).to(device)
         latent_side = batch["image"].shape[-1] // self.models.config.vae.downsample_factor
         shape = (self.models.config.unet.out_channels, latent_side, latent_side)
-        x = seeded_randn(seeded_generators(torch.arange(n)), shape, device) * sigmas[0]
         denoiser = CFGDenoiser(self.models.unet, self.schedule, self.prediction_type)
-        latents = info.fn(denoiser, x, sigmas, extra_args={"cond": cond, "uncond": uncond, "cfg_scale": cfg_scale},
-                          disable=True, generator=torch.Generator().manual_seed(0))
+        # the same generation as the pipeline's: seeds 0..n-1, the sampler's own schedule and scalings
+        latents = sample(denoiser, sampler, steps, self.schedule, SeededNoise(0, n), shape, device=device,
+                         extra_args={"cond": cond, "uncond": uncond, "cfg_scale": cfg_scale})
         images = self.models.vae.decode(latents / self.models.config.vae.scale_factor).float()
         return [batch["image"][:count], images]
 
