@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import random
 import threading
 from dataclasses import dataclass, field
@@ -105,6 +106,8 @@ class Settings:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
+        if not isinstance(self.cfg, (int, float)) or not math.isfinite(self.cfg):
+            raise ValueError(f"cfg must be a finite number, got {self.cfg}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not isinstance(self.batch, int) or self.batch < 1:
@@ -134,7 +137,12 @@ class Pipeline:
         self.offload = offload  # keep CLIP and VAE on the CPU, only the UNet on the accelerator
         # give the pages of memory-mapped CPU weights back to the OS after each phase of a generation (sdtorch.memory)
         self.release_idle_weights = release_idle_weights
-        self._interrupt = threading.Event()
+        # True: image k of a batch equals bit for bit the single image with seed s + k (what `--from` regenerates):
+        # the UNet and the VAE then run one image at a time, since their kernels round differently at another batch
+        # size (up to 1/255 on a few pixels otherwise). Off by default: batching is what makes a batch fast.
+        self.batch_exact = False
+        self._running: set[threading.Event] = set()  # one stop flag per generation running now
+        self._running_lock = threading.Lock()
         self.to(self.device, self.dtype)
 
     # -- set-up -------------------------------------------------------------------------------------------------
@@ -175,8 +183,25 @@ class Pipeline:
         return self._model_hash
 
     def interrupt(self) -> None:
-        """Ask a running generation to stop after its current step (thread-safe); it raises GenerationInterrupted."""
-        self._interrupt.set()
+        """Stop the generations running now after their current step (thread-safe, e.g. from a server's request
+        thread): each raises GenerationInterrupted, also when the call comes during the final VAE decode. Every
+        generation has its own flag, so one starting later is not affected and cannot clear it; with no generation
+        running this does nothing."""
+        with self._running_lock:
+            for stop in self._running:
+                stop.set()
+
+    @contextlib.contextmanager
+    def _generation(self):
+        """This generation's stop flag, set by `interrupt` while it runs."""
+        stop = threading.Event()
+        with self._running_lock:
+            self._running.add(stop)
+        try:
+            yield stop
+        finally:
+            with self._running_lock:
+                self._running.discard(stop)
 
     # -- the three jobs -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -215,16 +240,22 @@ class Pipeline:
                                                           self.infotext_params(s, init_image is not None, k)))
                 for k, im in enumerate(imgs.tensor_to_pil(pixels))]
 
-    def run(self, s: Settings, *, init_image=None, mask=None, mask_blur: int = 4, resize_mode=0, callback=None,
-            tiled_vae: bool | None = None, **_ignored) -> torch.Tensor:
+    def run(self, s: Settings, **kwargs) -> torch.Tensor:
         """The whole generation; returns (B, 3, H, W) pixels in [-1, 1]."""
+        with self._generation() as stop:
+            pixels = self._run(s, stop, **kwargs)
+            if stop.is_set():  # interrupted after the last step: the images are not what was asked to finish
+                raise GenerationInterrupted("interrupted after the last step")
+            return pixels
+
+    def _run(self, s: Settings, stop: threading.Event, *, init_image=None, mask=None, mask_blur: int = 4,
+             resize_mode=0, callback=None, tiled_vae: bool | None = None, **_ignored) -> torch.Tensor:
         s.width = self.config.resolution if s.width is None else s.width
         s.height = self.config.resolution if s.height is None else s.height
         s.validate()
         sampler, schedule_name = self.sampler_and_schedule(s)
         if s.seed == -1:
             s.seed = random.randrange(2 ** 32)  # reported back in the images' metadata
-        self._interrupt.clear()
         h, w = s.height // 8, s.width // 8
         if tiled_vae is None:
             tiled_vae = s.width * s.height > TILE_ABOVE_PIXELS
@@ -266,7 +297,8 @@ class Pipeline:
         # unit-variance noise in VP space, which is σ·sqrt(1 + 1/σ²) in σ-space (diffusers' init_noise_sigma = 1).
         start = sigmas[0] * (1 + sigmas[0] ** -2) ** 0.5 if vp and x0_latent is None else sigmas[0]
         x = noise * start if x0_latent is None else x0_latent + noise * sigmas[0]
-        denoiser = CFGDenoiser(self.unet, self.schedule, self.config.prediction_type)
+        unet = _OneImageAtATime(self.unet, s.batch) if self.batch_exact else self.unet
+        denoiser = CFGDenoiser(unet, self.schedule, self.config.prediction_type)
         model = denoiser if latent_mask is None else _BlendDenoiser(denoiser, x0_latent, noise, latent_mask)
         extra_args = {"cond": cond.to(self.device), "uncond": uncond.to(self.device) if s.cfg != 1 else None,
                       "cfg_scale": s.cfg, "guidance_rescale": s.guidance_rescale}
@@ -280,7 +312,7 @@ class Pipeline:
                                "try dtype='fp32' or 'bf16'")
             if callback is not None:
                 callback(info["i"] + 1, total, info["x"], info["sigma"])
-            if self._interrupt.is_set():
+            if stop.is_set():
                 raise GenerationInterrupted(f"interrupted after step {info['i'] + 1} of {total}")
 
         sampler_kwargs = {}
@@ -298,7 +330,10 @@ class Pipeline:
         self._done_with(self.unet)
         if latent_mask is not None:
             latents = latent_mask * latents + (1 - latent_mask) * x0_latent
-        pixels = self.decode_latents(latents, tiled_vae)
+        if self.batch_exact:  # (B, 4, h, w) -> B × (1, 4, h, w) -> (B, 3, H, W)
+            pixels = torch.cat([self.decode_latents(one, tiled_vae) for one in latents.split(1)])
+        else:
+            pixels = self.decode_latents(latents, tiled_vae)
         self._done_with(self.vae)
         if mask is not None:  # paste the original back outside the (blurred) mask, as A1111's inpainting overlay
             pixel_mask = pixel_mask.to(pixels.device)
@@ -370,6 +405,26 @@ class _BlendDenoiser:
         x = self.mask * x + (1 - self.mask) * (self.x0 + self.noise * s)
         denoised = self.inner(x, sigma, **kwargs)
         return self.mask * denoised + (1 - self.mask) * self.x0
+
+
+class _OneImageAtATime:
+    """The UNet called once per image of the batch, with that image's guidance rows (image k's rows are k, k + B,
+    ...: CFGDenoiser stacks the unconditional and conditional halves), so each call has the single image's batch
+    and, row for row, its inputs: oneDNN's kernels pick their blocking by batch size, and round differently."""
+
+    def __init__(self, unet, batch: int):
+        self.unet, self.batch = unet, batch
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.batch == 1:
+            return self.unet(x, t, context)
+        out = None
+        for k in range(self.batch):
+            rows = torch.arange(k, x.shape[0], self.batch, device=x.device)  # image k's rows: (n·B, ...) -> (n, ...)
+            part = self.unet(x[rows], t[rows], context[rows])
+            out = part.new_empty((x.shape[0], *part.shape[1:])) if out is None else out
+            out[rows] = part
+        return out
 
 
 _SETTINGS_FIELDS = {"steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch", "clip_skip",

@@ -17,38 +17,43 @@ _DEPTHS = {"num_hidden_layers", "num_res_blocks", "transformer_depth", "num_head
 _SIGNED = {"num_head_channels", "clip_pad_token_id"}  # -1 / None mean "not used"
 
 
+def check_fields(obj, where: str, prefix: str = "") -> None:
+    """Every field of a config dataclass (nested ones too) of its declared type and within bounds; a
+    CorruptCheckpointError naming the field otherwise."""
+    for f in dataclasses.fields(obj):
+        name, value = prefix + f.name, getattr(obj, f.name)
+        kind = (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).replace(" ", "")
+        if dataclasses.is_dataclass(value):
+            check_fields(value, where, name + ".")
+        elif kind in ("int", "int|None") and not (value is None and kind == "int|None"):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise _bad(where, name, value, "not an integer")
+            low, high = -1 if f.name in _SIGNED else 1, MAX_DEPTH if f.name in _DEPTHS else MAX_WIDTH
+            if not low <= value <= high:
+                raise _bad(where, name, value, f"outside [{low}, {high}]")
+        elif kind == "tuple[int,...]":
+            if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                       and 1 <= v <= MAX_DEPTH for v in value):
+                raise _bad(where, name, value, f"not a list of integers in [1, {MAX_DEPTH}]")
+            if not 1 <= len(value) <= 8:
+                raise _bad(where, name, value, "needs 1 to 8 levels")
+        elif kind == "float":
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise _bad(where, name, value, "not a finite number")
+        elif kind in ("bool", "str") and not isinstance(value, {"bool": bool, "str": str}[kind]):
+            raise _bad(where, name, value, f"not a {kind}")
+
+
+def _bad(where: str, name: str, value, why: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{where}: config {name}={value!r}: {why}")
+
+
 def check_config(cfg: ModelConfig, where: str) -> None:
-    """Every field of the declared type and within bounds; a CorruptCheckpointError naming the field otherwise."""
+    """Types and bounds of every field (check_fields), and the sizes that must divide each other."""
     def bad(name: str, value, why: str):
-        return CorruptCheckpointError(f"{where}: config {name}={value!r}: {why}")
+        return _bad(where, name, value, why)
 
-    def check(obj, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            name, value, kind = prefix + f.name, getattr(obj, f.name), str(f.type).replace(" ", "")
-            if dataclasses.is_dataclass(value):
-                check(value, name + ".")
-                continue
-            if kind == "int|None" and value is None:
-                continue
-            if kind in ("int", "int|None"):
-                if not isinstance(value, int) or isinstance(value, bool):
-                    raise bad(name, value, "not an integer")
-                limit = MAX_DEPTH if f.name in _DEPTHS else MAX_WIDTH
-                if not (-1 if f.name in _SIGNED else 1) <= value <= limit:
-                    raise bad(name, value, f"outside [1, {limit}]")
-            elif kind == "tuple[int,...]":
-                if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                           and 1 <= v <= MAX_DEPTH for v in value):
-                    raise bad(name, value, f"not a list of integers in [1, {MAX_DEPTH}]")
-                if not 1 <= len(value) <= 8:
-                    raise bad(name, value, "needs 1 to 8 levels")
-            elif kind == "float":
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                    raise bad(name, value, "not a finite number")
-            elif kind in ("bool", "str") and not isinstance(value, {"bool": bool, "str": str}[kind]):
-                raise bad(name, value, f"not a {kind}")
-
-    check(cfg, "")
+    check_fields(cfg, where)
     if cfg.resolution % 8 or not 8 <= cfg.resolution <= MAX_RESOLUTION:
         raise bad("resolution", cfg.resolution, f"not a multiple of 8 in [8, {MAX_RESOLUTION}]")
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
