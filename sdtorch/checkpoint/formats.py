@@ -221,10 +221,12 @@ def read_torch_pickle(path: Path, fmt: str) -> dict[str, TensorRef]:
     return {k: TensorRef(tuple(t.shape), t.dtype, _caster(t)) for k, t in obj.items() if isinstance(t, torch.Tensor)}
 
 
-def safe_torch_load(path: Path, fmt: str = "torch-zip"):
+def safe_torch_load(path: Path, fmt: str | None = None):
     """torch.load with weights_only=True, every failure a CheckpointError naming the file (never torch's advice to
-    retry with weights_only=False: that would run whatever the file holds)."""
-    check_regular_file(path)
+    retry with weights_only=False: that would run whatever the file holds). `fmt` None: detected."""
+    fmt = fmt or detect_format(path)
+    if fmt not in ("torch-zip", "pickle"):
+        raise NotACheckpointError(f"{path}: a {fmt}, not a torch.save file")
     try:
         with ExitStack() as stack, torch.serialization.safe_globals(_INERT_GLOBALS):
             if path.name.endswith(".safetensors"):

@@ -17,11 +17,13 @@ _DEPTHS = {"num_hidden_layers", "num_res_blocks", "transformer_depth", "num_head
 _SIGNED = {"num_head_channels", "clip_pad_token_id"}  # -1 / None mean "not used"
 
 
-def check_fields(obj, where: str, prefix: str = "") -> None:
-    """Every field of a config dataclass (nested ones too) of its declared type and within bounds; a
-    CorruptCheckpointError naming the field otherwise."""
+def check_fields(obj, where: str, prefix: str = "", values: dict | None = None) -> None:
+    """Every field of a config dataclass (nested ones too; `values` in place of its own, to check them before the
+    dataclass is built from them) of its declared type and within bounds; a CorruptCheckpointError naming the field
+    otherwise."""
+    values = values or {}
     for f in dataclasses.fields(obj):
-        name, value = prefix + f.name, getattr(obj, f.name)
+        name, value = prefix + f.name, values.get(f.name, getattr(obj, f.name))
         kind = (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).replace(" ", "")
         if dataclasses.is_dataclass(value):
             check_fields(value, where, name + ".")

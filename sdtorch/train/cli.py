@@ -222,7 +222,8 @@ def build_objective(args) -> tuple[torch.nn.Module, Collate]:
         check_config(ModelConfig.from_dict(settings), "CONFIG/--set")
         if not isinstance(vision, dict):
             raise TypeError(f"vision must be an object of fields, got {vision!r}")
-        check_fields(CLIPVisionConfig(**{"image_size": args.resolution, **vision}), "CONFIG/--set", "vision.")
+        check_fields(CLIPVisionConfig(image_size=args.resolution), "CONFIG/--set", "vision.", vision)
+        CLIPVisionConfig(**{"image_size": args.resolution, **vision})
     except (TypeError, AttributeError) as e:  # a field that does not exist, or a part that is not an object
         raise ValueError(f"CONFIG/--set: {e}") from None
     if args.objective == "clip":
@@ -266,6 +267,8 @@ def run_train(args) -> int:
     """Run `sdtorch train ...` from parsed arguments; prints a summary and returns the exit code."""
     cfg = train_config(args)
     cfg.validate()
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a run folder")
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run with this seed
     objective, collate = build_objective(args)
     source = open_source(args.data, args.data_size, args.resolution, args.seed, args.two_shapes)

@@ -515,8 +515,6 @@ class Run:
         """Train to cfg.steps (or until SIGINT/SIGTERM), then evaluate and export. Returns a summary."""
         cfg = self.cfg
         if self.is_main:
-            if self.out.exists() and not self.out.is_dir():
-                raise ValueError(f"--out {self.out} is a file, not a run folder")
             self.out.mkdir(parents=True, exist_ok=True)
             for folder in (self.out, self.out / "checkpoints"):
                 remove_stale_temp_files(folder)
