@@ -15,7 +15,7 @@ def load_image(image, max_pixels: int | None = None) -> Image.Image:
     8 bits per channel; ValueError saying why when it is no image, or more than `max_pixels` (None: Pillow's
     decompression-bomb limit), checked from the header before any pixel is decoded."""
     if isinstance(image, Image.Image):
-        return to_8bit(image)
+        return to_8bit(ImageOps.exif_transpose(image))
     if isinstance(image, (str, Path)) and Path(image).exists() and not Path(image).is_file():
         raise ValueError(f"cannot read {image} as an image (not a regular file)")  # a FIFO would block forever
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
