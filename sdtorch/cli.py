@@ -6,6 +6,9 @@ step, writes nothing, and exits 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import signal
 import sys
 import time
@@ -65,6 +68,25 @@ def add_generate(sub) -> None:
     p.add_argument("--from", dest="from_png", metavar="IMAGE.png",
                    help="regenerate from the parameters stored in a PNG; other options override them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--exact-batch", action="store_true",
+                   help="run a batch one image at a time, so each equals its --from regeneration bit for bit (slower)")
+    p.add_argument("--max-pixels", type=pixel_count, default=DEFAULT_MAX_PIXELS, metavar="N|WxH",
+                   help="refuse images (generated, --init-image, --mask) larger than this (default 2048x2048)")
+
+
+DEFAULT_MAX_PIXELS = 2048 * 2048
+
+
+def pixel_count(text: str) -> int:
+    """argparse type of --max-pixels: a count (4194304) or a size (2048x2048)."""
+    width, x, height = text.lower().partition("x")
+    try:
+        value = int(width) * int(height) if x else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a pixel count or WIDTHxHEIGHT, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
 
 
 def generation_settings(args) -> dict:
@@ -107,17 +129,19 @@ def a1111_settings(stored: dict) -> dict:
     return stored
 
 
-def read_png_parameters(path: str) -> str:
+def read_png_parameters(path: str, what: str = "--from") -> str:
+    from PIL import Image
+
     from .metadata import read_parameters
 
     if not Path(path).is_file():
-        raise CLIError(f"--from: no such file: {path}")
+        raise CLIError(f"{what}: {'not a regular file' if Path(path).exists() else 'no such file'}: {path}")
     try:
         text = read_parameters(path)
-    except OSError as e:
-        raise CLIError(f"--from: cannot read {path} as an image: {e}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise CLIError(f"{what}: cannot read {path} as an image: {e}") from None
     if not text:
-        raise CLIError(f"--from: {path} carries no generation parameters")
+        raise CLIError(f"{what}: {path} carries no generation parameters")
     return text
 
 
@@ -129,6 +153,10 @@ def validate_settings(s: dict, args) -> None:
     for name in ("width", "height"):
         if s[name] is not None and (s[name] <= 0 or s[name] % 8):
             raise CLIError(f"--{name} must be a positive multiple of 8, got {s[name]}")
+    if s["width"] is not None and s["height"] is not None:
+        check_size(s["width"], s["height"], getattr(args, "max_pixels", DEFAULT_MAX_PIXELS))
+    if not math.isfinite(s["cfg"]):
+        raise CLIError(f"--cfg must be a finite number, got {s['cfg']}")
     if s["steps"] < 1:
         raise CLIError(f"--steps must be at least 1, got {s['steps']}")
     if s["batch"] < 1:
@@ -151,28 +179,37 @@ def validate_settings(s: dict, args) -> None:
         raise CLIError("--mask needs --init-image")
 
 
-def open_image(path: str, what: str):
+def check_size(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise CLIError(f"{width}x{height} is {width * height:,} pixels, more than --max-pixels {max_pixels:,}")
+
+
+def open_image(path: str, what: str, max_pixels: int | None = None):
     from .images import load_image
 
     if not Path(path).is_file():
-        raise CLIError(f"{what}: no such file: {path}")
+        raise CLIError(f"{what}: {'not a regular file' if Path(path).exists() else 'no such file'}: {path}")
     try:
-        return load_image(path)
+        return load_image(path, max_pixels)
     except ValueError as e:
         raise CLIError(f"{what}: {e}") from None
 
 
 def output_paths(output: str, count: int, seed: int) -> list[Path]:
     """A .png path names the file (image k > 0 gets a -k suffix); anything else is a folder where files are numbered
-    after the highest number already there, never overwriting (A1111's NNNNN-SEED.png)."""
+    after the highest number already there (A1111's NNNNN-SEED.png). Folder names are only proposals: `save_image`
+    claims the number when it writes, so runs writing into one folder at once never take the same one."""
     out = Path(output)
     if out.suffix.lower() == ".png":
+        if out.is_dir():
+            raise CLIError(f"-o {out} is a folder; name a file that is none, or drop the .png to number files in it")
         folder = out.parent
         paths = [out] + [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(1, count)]
     else:
         folder = out
-        existing = [int(p.name[:5]) for p in out.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")] if out.is_dir() else []
-        start = max(existing, default=-1) + 1
+        if out.exists() and not out.is_dir():
+            raise CLIError(f"-o {out} is a file, not a folder (name a .png file, or a folder)")
+        start = next_number(out)
         paths = [out / f"{start + k:05d}-{seed + k}.png" for k in range(count)]
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -184,15 +221,63 @@ def output_paths(output: str, count: int, seed: int) -> list[Path]:
     return paths
 
 
+def next_number(folder: Path) -> int:
+    """One more than the highest NNNNN of the NNNNN-*.png files in `folder` (0 in an empty or new one)."""
+    existing = [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")] if folder.is_dir() else []
+    return max(existing, default=-1) + 1
+
+
+def save_image(image, path: Path, numbered: bool) -> Path:
+    """Write a generated image. A numbered name is claimed under a lock on the folder (the number is counted again
+    there, so concurrent runs take the next free one) and by an exclusive create: an existing file is never replaced.
+    A name the user gave is replaced atomically. Either way the file appears whole or not at all."""
+    from .metadata import save_png
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
+    try:
+        save_png(image, tmp, image.info["parameters"])
+        if not numbered:
+            os.replace(tmp, path)
+            return path
+        with folder_lock(path.parent):
+            number, name = next_number(path.parent), path.name[5:]
+            while True:
+                path = path.with_name(f"{number:05d}{name}")
+                try:
+                    os.link(tmp, path)  # fails if the name exists: the atomic claim
+                    return path
+                except FileExistsError:
+                    number += 1
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """An exclusive lock on a folder for the writers in it (flock on the folder itself: no lock file left behind);
+    where there is no flock (Windows), exclusive creation alone still keeps every file."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def run_generate(args) -> int:
     import random
 
-    from .metadata import save_png
-
     s = generation_settings(args)
     validate_settings(s, args)
-    init = open_image(args.init_image, "--init-image") if args.init_image else None
-    mask = open_image(args.mask, "--mask") if args.mask else None
+    init = open_image(args.init_image, "--init-image", args.max_pixels) if args.init_image else None
+    mask = open_image(args.mask, "--mask", args.max_pixels) if args.mask else None
+    if init is not None:  # img2img's size defaults to the init image's, rounded down to multiples of 8
+        check_size(s["width"] or init.width // 8 * 8, s["height"] or init.height // 8 * 8, args.max_pixels)
     model = args.model or BUILTIN_MODEL
     if not Path(model).exists():
         raise CLIError(f"model not found: {model}" + ("" if args.model else " (the built-in model is not installed; "
@@ -202,8 +287,12 @@ def run_generate(args) -> int:
     paths = output_paths(args.output, s["batch"], s["seed"])
 
     import sdtorch
+    from .pipeline import GenerationInterrupted
 
     pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype, tune_allocator=True)
+    pipe.batch_exact = args.exact_batch
+    if init is None:
+        check_size(s["width"] or pipe.config.resolution, s["height"] or pipe.config.resolution, args.max_pixels)
     prompt, negative = s.pop("prompt"), s.pop("negative")
     strength = s.pop("strength")
     s = {k: v for k, v in s.items() if v is not None or k in ("width", "height", "schedule")}  # None: the default
@@ -215,7 +304,13 @@ def run_generate(args) -> int:
     elif any(key in s for key in HIRES_KEYS) and "hires_scale" not in s and "hires_resize" not in s:
         s["hires_scale"] = 2.0  # A1111's default upscale when only the other hires options are given
     progress = None if args.quiet else make_progress_bar()
-    signal.signal(signal.SIGINT, lambda *_: pipe.interrupt())  # stop after the current step
+    interrupted = []
+
+    def on_sigint(*_):  # stop after the current step; if it comes later (the VAE decode), still write nothing
+        interrupted.append(True)
+        pipe.interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     start = time.perf_counter()
     try:
         if mask is not None:
@@ -226,13 +321,16 @@ def run_generate(args) -> int:
                                   callback=progress, **s)
         else:
             images = pipe.txt2img(prompt, negative, callback=progress, **s)
+        if interrupted:
+            raise GenerationInterrupted("interrupted after the last step")
     finally:
+        signal.signal(signal.SIGINT, previous)
         if progress is not None:
             progress.close()
     elapsed = time.perf_counter() - start
+    numbered = Path(args.output).suffix.lower() != ".png"
     for image, path in zip(images, paths):
-        save_png(image, path, image.info["parameters"])
-        print(f"wrote {path}")
+        print(f"wrote {save_image(image, path, numbered)}")
     print(f"seed: {s['seed']}  ({len(images)} image{'s' * (len(images) > 1)} in {elapsed:.1f} s)")
     return 0
 
@@ -262,7 +360,7 @@ def run_info(args) -> int:
     if not path.exists():
         raise CLIError(f"no such file or folder: {path}")
     if path.suffix.lower() == ".png":
-        print(read_png_parameters(str(path)))
+        print(read_png_parameters(str(path), "info"))
         return 0
     from .checkpoint import describe_model
 
@@ -295,6 +393,11 @@ def run_convert(args) -> int:
 
     if not Path(args.input).exists():
         raise CLIError(f"no such file or folder: {args.input}")
+    out = Path(args.output)
+    if args.diffusers and out.exists() and not out.is_dir():
+        raise CLIError(f"{out} is a file: --diffusers writes a folder")
+    if not args.diffusers and out.is_dir():
+        raise CLIError(f"{out} is a folder: name the output file (or pass --diffusers to write a folder)")
     from .pipeline import resolve_dtype
 
     convert(args.input, args.output, dtype=resolve_dtype(args.dtype), vae=args.vae, to_diffusers=args.diffusers)
@@ -307,6 +410,9 @@ def run_dataset(args) -> int:
 
     if args.count < 1:
         raise CLIError(f"--count must be at least 1, got {args.count}")
+    if args.size < 8:
+        raise CLIError(f"--size must be at least 8, got {args.size}")
+    check_folder_target(args.out, "the dataset")
     write_folder(args.out, args.count, seed=args.seed, size=args.size)
     print(f"wrote {args.count} images with captions to {args.out}")
     return 0
@@ -318,6 +424,10 @@ def run_eval(args) -> int:
 
     from .train.eval_shapes import EVAL_SEED, evaluate, format_table
 
+    if args.count < 1 or args.steps < 1:
+        raise CLIError(f"--count and --steps must be at least 1, got {args.count} and {args.steps}")
+    if not math.isfinite(args.cfg):
+        raise CLIError(f"--cfg must be a finite number, got {args.cfg}")
     model = args.model or BUILTIN_MODEL
     if not Path(model).exists():
         raise CLIError(f"model not found: {model}")
@@ -331,8 +441,36 @@ def run_eval(args) -> int:
     return 0
 
 
+def check_folder_target(path: str, what: str) -> None:
+    if Path(path).exists() and not Path(path).is_dir():
+        raise CLIError(f"{path} is a file: {what} goes in a folder")
+
+
+def check_device(name: str) -> None:
+    """--device names a device this machine has (else torch fails deep inside, with a traceback)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device: unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise CLIError(f"--device {name}: no such device on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (its usage text stays behind --help); subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdtorch", description="Stable Diffusion from scratch in PyTorch")
+    parser = OneLineParser(prog="sdtorch", description="Stable Diffusion from scratch in PyTorch")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate(sub)
@@ -375,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "device", "auto") not in (None, "auto"):
+            check_device(args.device)
         if args.command == "train":
             from .train.cli import run_train
             return run_train(args) or 0
@@ -390,9 +530,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         if args.debug:
             raise
-        user_error = isinstance(e, (CLIError, ValueError, FileNotFoundError, PermissionError))
-        print(f"sdtorch: error: {e}" if user_error else f"sdtorch: internal error: {e.__class__.__name__}: {e} "
-              "(run with --debug for the traceback)", file=sys.stderr)
+        # OSError: the user's paths and disks (a file where a folder belongs, a full disk), not a bug of ours
+        user_error = isinstance(e, (CLIError, ValueError, OSError))
+        message = " ".join(str(e).split())  # one line, whatever the exception's text holds
+        print(f"sdtorch: error: {message}" if user_error else f"sdtorch: internal error: {e.__class__.__name__}: "
+              f"{message} (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_USAGE if user_error else 1
 
 

@@ -6,6 +6,7 @@ The flow of one image (see docs in README):
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import threading
 from dataclasses import dataclass, field
@@ -97,6 +98,8 @@ class Settings:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
+        if not isinstance(self.cfg, (int, float)) or not math.isfinite(self.cfg):
+            raise ValueError(f"cfg must be a finite number, got {self.cfg}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not isinstance(self.batch, int) or self.batch < 1:
@@ -141,7 +144,12 @@ class Pipeline:
         # on the CPU, set glibc's malloc to keep freed activation blocks (memory.keep_freed_blocks): process-wide, so
         # only when asked (the CLI asks); measured 10.6 -> 9.9 s a 512x512 UNet step
         self.tune_allocator = tune_allocator
-        self._interrupt = threading.Event()
+        # True: image k of a batch equals bit for bit the single image with seed s + k (what `--from` regenerates):
+        # the UNet and the VAE then run one image at a time, since their kernels round differently at another batch
+        # size (up to 1/255 on a few pixels otherwise). Off by default: batching is what makes a batch fast.
+        self.batch_exact = False
+        self._running: set[threading.Event] = set()  # one stop flag per generation running now
+        self._running_lock = threading.Lock()
         self.to(self.device, self.dtype)
 
     # -- set-up -------------------------------------------------------------------------------------------------
@@ -182,8 +190,25 @@ class Pipeline:
         return self._model_hash
 
     def interrupt(self) -> None:
-        """Ask a running generation to stop after its current step (thread-safe); it raises GenerationInterrupted."""
-        self._interrupt.set()
+        """Stop the generations running now after their current step (thread-safe, e.g. from a server's request
+        thread): each raises GenerationInterrupted, also when the call comes during the final VAE decode. Every
+        generation has its own flag, so one starting later is not affected and cannot clear it; with no generation
+        running this does nothing."""
+        with self._running_lock:
+            for stop in self._running:
+                stop.set()
+
+    @contextlib.contextmanager
+    def _generation(self):
+        """This generation's stop flag, set by `interrupt` while it runs."""
+        stop = threading.Event()
+        with self._running_lock:
+            self._running.add(stop)
+        try:
+            yield stop
+        finally:
+            with self._running_lock:
+                self._running.discard(stop)
 
     # -- the three jobs -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -223,16 +248,22 @@ class Pipeline:
                                                           self.infotext_params(s, init_image is not None, k)))
                 for k, im in enumerate(imgs.tensor_to_pil(pixels))]
 
-    def run(self, s: Settings, *, init_image=None, mask=None, mask_blur: int = 4, resize_mode=0, callback=None,
-            tiled_vae: bool | None = None, **_ignored) -> torch.Tensor:
+    def run(self, s: Settings, **kwargs) -> torch.Tensor:
         """The whole generation; returns (B, 3, H, W) pixels in [-1, 1]."""
+        with self._generation() as stop:
+            pixels = self._run(s, stop, **kwargs)
+            if stop.is_set():  # interrupted after the last step: the images are not what was asked to finish
+                raise GenerationInterrupted("interrupted after the last step")
+            return pixels
+
+    def _run(self, s: Settings, stop: threading.Event, *, init_image=None, mask=None, mask_blur: int = 4,
+             resize_mode=0, callback=None, tiled_vae: bool | None = None, **_ignored) -> torch.Tensor:
         s.width = self.config.resolution if s.width is None else s.width
         s.height = self.config.resolution if s.height is None else s.height
         s.validate()
         sampler, schedule_name = self.sampler_and_schedule(s)
         if s.seed == -1:
             s.seed = random.randrange(2 ** 32)  # reported back in the images' metadata
-        self._interrupt.clear()
         h, w = s.height // 8, s.width // 8
         auto_tile = tiled_vae is None
         if auto_tile:
@@ -258,7 +289,8 @@ class Pipeline:
                       "cfg_scale": s.cfg, "guidance_rescale": s.guidance_rescale}
         if c_concat is not None:
             extra_args["c_concat"] = c_concat.to(self.device)
-        denoiser = CFGDenoiser(self.unet, self.schedule, self.config.prediction_type)
+        unet = _OneImageAtATime(self.unet, s.batch) if self.batch_exact else self.unet
+        denoiser = CFGDenoiser(unet, self.schedule, self.config.prediction_type)
 
         def on_step(info):
             if not torch.isfinite(info["denoised"]).all():
@@ -266,7 +298,7 @@ class Pipeline:
                                "try dtype='fp32' or 'bf16'")
             if callback is not None:
                 callback(info["i"] + 1, info["total"], info["x"], info["sigma"])
-            if self._interrupt.is_set():
+            if stop.is_set():
                 raise GenerationInterrupted(f"interrupted after step {info['i'] + 1} of {info['total']}")
 
         common = dict(schedule_name=schedule_name, convention=s.convention, eta=s.eta, extra_args=extra_args,
@@ -285,7 +317,10 @@ class Pipeline:
             latents = latent_mask * latents + (1 - latent_mask) * x0_latent
         if auto_tile:  # the hires pass may have made the image larger
             tiled_vae = latents.shape[-2] * latents.shape[-1] * 64 > TILE_ABOVE_PIXELS
-        pixels = self.decode_latents(latents, tiled_vae)
+        if self.batch_exact:  # (B, 4, h, w) -> B × (1, 4, h, w) -> (B, 3, H, W)
+            pixels = torch.cat([self.decode_latents(one, tiled_vae) for one in latents.split(1)])
+        else:
+            pixels = self.decode_latents(latents, tiled_vae)
         self._done_with(self.vae)
         if mask is not None:  # paste the original back outside the (blurred) mask, as A1111's inpainting overlay
             pixel_mask = pixel_mask.to(pixels.device)
@@ -367,6 +402,26 @@ class Pipeline:
             "Hires steps": (s.hires_steps or None) if hires_pass else None,
             "Hires upscaler": s.hires_upscaler if hires_pass else None,
         }
+
+
+class _OneImageAtATime:
+    """The UNet called once per image of the batch, with that image's guidance rows (image k's rows are k, k + B,
+    ...: CFGDenoiser stacks the unconditional and conditional halves), so each call has the single image's batch
+    and, row for row, its inputs: oneDNN's kernels pick their blocking by batch size, and round differently."""
+
+    def __init__(self, unet, batch: int):
+        self.unet, self.batch = unet, batch
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.batch == 1:
+            return self.unet(x, t, context)
+        out = None
+        for k in range(self.batch):
+            rows = torch.arange(k, x.shape[0], self.batch, device=x.device)  # image k's rows: (n·B, ...) -> (n, ...)
+            part = self.unet(x[rows], t[rows], context[rows])
+            out = part.new_empty((x.shape[0], *part.shape[1:])) if out is None else out
+            out[rows] = part
+        return out
 
 
 _SETTINGS_FIELDS = {"steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch", "clip_skip",

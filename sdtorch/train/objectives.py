@@ -48,16 +48,23 @@ def save_parts(path: str | Path, config: ModelConfig, parts: dict[str, nn.Module
 
 def load_parts(path: str | Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
     """(config, {part: state dict}) of a native .safetensors checkpoint; a file without our header entry is read as
-    SD 1.x (a community checkpoint to fine-tune)."""
-    from safetensors import safe_open
+    SD 1.x (a community checkpoint to fine-tune). Read by the checkpoint loader's checked readers, the stored config
+    checked for types and bounds."""
+    from contextlib import ExitStack
+
+    from ..checkpoint.formats import detect_format, read_tensor_file
+    from ..checkpoint.validate import check_config
 
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no such model file: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        header = (f.metadata() or {}).get(CONFIG_KEY)
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    config = ModelConfig.from_dict(json.loads(header)) if header else ModelConfig()
+    with ExitStack() as files:
+        refs, metadata = read_tensor_file(path, detect_format(path), files)
+        tensors = {key: ref.load(None, torch.device("cpu")).clone() for key, ref in refs.items()}
+    header = metadata.get(CONFIG_KEY)
+    try:
+        config = ModelConfig.from_dict(json.loads(header)) if header else ModelConfig()
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{path}: unreadable {CONFIG_KEY} metadata ({e})") from None
+    check_config(config, str(path))
     parts = {name: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
              for name, prefix in PREFIXES.items()}
     return config, {name: state for name, state in parts.items() if state}
