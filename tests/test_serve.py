@@ -1,0 +1,291 @@
+"""`sdtorch serve`, driven as its users drive it: the real server (uvicorn, built-in model) on a free port, the
+`webuiapi` client that A1111 users script with, raw HTTP for what a client should never send, and the page in a
+headless Chromium. Every image the server returns for a seed must equal `sdtorch generate`'s, pixel for pixel."""
+import base64
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+pytest.importorskip("fastapi")
+webuiapi = pytest.importorskip("webuiapi")
+
+import sdtorch  # noqa: E402
+from serve_helpers import AUTH, ENV, Server  # noqa: E402
+
+PROMPT = "a large red circle in the center on a blue background"
+SETTINGS = dict(steps=4, cfg_scale=7.0, width=64, height=64, sampler_name="Euler a")
+CLI_SETTINGS = ["--steps", "4", "--cfg", "7", "--width", "64", "--height", "64", "--sampler", "Euler a", "--quiet"]
+MAX_PIXELS = 256 * 256  # keeps the body limit small enough to test (about 0.35 MB)
+
+
+def cli(out, *args):
+    return subprocess.Popen([sys.executable, "-m", "sdtorch.cli", "generate", *map(str, args), "-o", str(out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def pixels(image_or_path) -> np.ndarray:
+    if isinstance(image_or_path, Image.Image):
+        return np.asarray(image_or_path.convert("RGB"))
+    with Image.open(image_or_path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def left_half_mask() -> Image.Image:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    return mask
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Two models in a models folder, the server on them, and the CLI's images for the same settings."""
+    tmp = tmp_path_factory.mktemp("serve")
+    models = tmp / "models"
+    models.mkdir()
+    shutil.copy(sdtorch.BUILTIN_MODEL, models / "builtin.safetensors")
+    sdtorch.save(sdtorch.load(sdtorch.BUILTIN_MODEL), models / "second.safetensors", dtype="fp32")
+    Image.fromarray(np.kron(np.eye(2, dtype=np.uint8)[..., None] * [200, 40, 90], np.ones((32, 32, 1), np.uint8))
+                    .astype(np.uint8)).save(tmp / "init.png")
+    left_half_mask().save(tmp / "mask.png")
+    model = models / "builtin.safetensors"
+    # the CLI's images, made while the server starts
+    refs = {"txt2img": (tmp / "cli_txt2img.png", cli(tmp / "cli_txt2img.png", PROMPT, "--model", model, "--seed", 11,
+                                                      *CLI_SETTINGS)),
+            "img2img": (tmp / "cli_img2img.png", cli(tmp / "cli_img2img.png", "a blue square", "--model", model,
+                                                      "--seed", 12, "--init-image", tmp / "init.png",
+                                                      "--strength", 0.6, *CLI_SETTINGS)),
+            "inpaint": (tmp / "cli_inpaint.png", cli(tmp / "cli_inpaint.png", "a yellow circle", "--model", model,
+                                                      "--seed", 13, "--init-image", tmp / "init.png", "--mask",
+                                                      tmp / "mask.png", "--strength", 0.9, *CLI_SETTINGS))}
+    server = Server("--models-dir", models, "--model", model, "--max-queue", 24, "--max-pixels", MAX_PIXELS,
+                    "--outdir", tmp / "outputs")
+    for path, proc in refs.values():
+        assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    yield {"server": server, "tmp": tmp, "refs": {k: path for k, (path, _) in refs.items()}}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def api(setup):
+    return webuiapi.WebUIApi(port=setup["server"].port, username=AUTH[0], password=AUTH[1], sampler="Euler a",
+                             steps=4)
+
+
+def post(setup, path, body=None, auth=AUTH, timeout=60, **kwargs):
+    server = setup["server"]
+    return requests.post(f"{server.url}/sdapi/v1/{path}", json=body, auth=auth, timeout=timeout, **kwargs)
+
+
+def wait_until_running(api, step=1, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        progress = api.get_progress()
+        if progress["state"]["job_count"] and progress["state"]["sampling_step"] >= step:
+            return progress
+        time.sleep(0.05)
+    raise TimeoutError("no job started")
+
+
+# -- the API through webuiapi ---------------------------------------------------------------------------------------
+def test_txt2img_equals_the_cli_image_and_carries_its_parameters(api, setup):
+    result = api.txt2img(prompt=PROMPT, seed=11, **SETTINGS)
+    cli_png = setup["refs"]["txt2img"]
+    assert np.array_equal(pixels(result.image), pixels(cli_png))
+    with Image.open(cli_png) as im:
+        assert result.image.info["parameters"] == im.info["parameters"]  # the same A1111 text the CLI writes
+    assert result.info["seed"] == 11 and result.info["all_seeds"] == [11]
+    assert result.info["infotexts"] == [result.image.info["parameters"]]
+    assert {"subseed", "all_subseeds", "sd_model_name", "job_timestamp"} <= set(result.info)
+    assert result.parameters["prompt"] == PROMPT and result.parameters["steps"] == 4
+
+
+def test_img2img_equals_the_cli_image(api, setup):
+    init = Image.open(setup["tmp"] / "init.png")
+    result = api.img2img(images=[init], prompt="a blue square", seed=12, denoising_strength=0.6, **SETTINGS)
+    assert np.array_equal(pixels(result.image), pixels(setup["refs"]["img2img"]))
+    assert result.parameters["init_images"] is None  # not echoed unless include_init_images
+
+
+def test_inpaint_equals_the_cli_image(api, setup):
+    init = Image.open(setup["tmp"] / "init.png")
+    result = api.img2img(images=[init], mask_image=left_half_mask(), inpainting_fill=1, prompt="a yellow circle",
+                         seed=13, denoising_strength=0.9, **SETTINGS)
+    assert np.array_equal(pixels(result.image), pixels(setup["refs"]["inpaint"]))
+
+
+def test_inpaint_fill_and_inverted_mask_keep_the_unmasked_part(api, setup):
+    init = Image.open(setup["tmp"] / "init.png")
+    result = api.img2img(images=[init], mask_image=left_half_mask(), inpainting_fill=0, inpainting_mask_invert=1,
+                         prompt="x", seed=1, denoising_strength=0.9, mask_blur=0, **SETTINGS)
+    # inverted: the right half is repainted, the left half is the original, pasted back
+    assert np.array_equal(pixels(result.image)[:, :32], pixels(init)[:, :32])
+    assert not np.array_equal(pixels(result.image)[:, 32:], pixels(init)[:, 32:])
+
+
+def test_batches_and_iterations_number_seeds_as_a1111(api):
+    result = api.txt2img(prompt=PROMPT, seed=100, batch_size=2, n_iter=2, **SETTINGS)
+    assert result.info["all_seeds"] == [100, 101, 102, 103]
+    assert [im.info["parameters"].split("Seed: ")[1].split(",")[0] for im in result.images] == ["100", "101", "102",
+                                                                                                  "103"]
+
+
+def test_options_switch_between_two_models(api):
+    titles = api.util_get_model_names()
+    assert [t.split(" [")[0] for t in titles] == ["builtin.safetensors", "second.safetensors"]
+    api.util_set_model("second.safetensors", find_closest=False)
+    try:
+        assert api.util_get_current_model() == "second.safetensors"
+        result = api.txt2img(prompt=PROMPT, seed=5, **SETTINGS)
+        assert result.info["sd_model_name"] == "second" and "Model: second" in result.info["infotexts"][0]
+        # one request may name another model without switching (override_settings, restored afterwards)
+        other = api.txt2img(prompt=PROMPT, seed=5, override_settings={"sd_model_checkpoint": "builtin"}, **SETTINGS)
+        assert other.info["sd_model_name"] == "builtin"
+        assert api.get_options()["sd_model_checkpoint"] == "second.safetensors"
+    finally:
+        api.set_options({"sd_model_checkpoint": "builtin.safetensors"})
+    assert api.util_get_current_model() == "builtin.safetensors"
+
+
+def test_clip_skip_override_reaches_the_pipeline(api):
+    result = api.txt2img(prompt=PROMPT, seed=5, override_settings={"CLIP_stop_at_last_layers": 2}, **SETTINGS)
+    assert "Clip skip: 2" in result.info["infotexts"][0] and result.info["clip_skip"] == 2
+
+
+def test_progress_preview_and_interrupt_while_a_job_runs(api):
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(api.txt2img, prompt=PROMPT, seed=1, steps=1000, width=64, height=64)
+        progress = wait_until_running(api, step=2)
+        assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
+        assert progress["state"]["sampling_steps"] == 1000 and progress["state"]["job"] == "txt2img"
+        preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+        assert preview.size == (64, 64)  # the built-in model's VAE decodes the preview in full
+        start = time.perf_counter()
+        api.interrupt()
+        result = job.result(timeout=30)
+        stopped_in = time.perf_counter() - start
+    assert result.images == [] and stopped_in < 5, stopped_in  # stopped after its current step
+    assert api.get_progress()["state"]["job_count"] == 0
+
+
+def test_skip_goes_on_with_the_next_batch(api):
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(api.txt2img, prompt=PROMPT, seed=1, steps=1000, n_iter=2, width=64, height=64)
+        wait_until_running(api)
+        api.skip()
+        deadline = time.time() + 30
+        while api.get_progress()["state"]["job_no"] != 1:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        api.interrupt()
+        assert job.result(timeout=30).images == []
+
+
+def test_png_info_reads_the_parameters(api, setup):
+    with Image.open(setup["refs"]["txt2img"]) as im:
+        result = api.png_info(im)
+        text = im.info["parameters"]
+    assert result.info == text
+    p = result.parameters
+    assert p["Prompt"] == PROMPT and p["Seed"] == "11" and p["Size-1"] == "64" and p["Sampler"] == "Euler a"
+
+
+def test_lists_a_client_probes(api, setup):
+    assert {"Euler a", "DPM++ 2M", "DDIM"} <= set(api.util_get_sampler_names())
+    assert {"automatic", "karras", "normal"} <= set(api.util_get_scheduler_names())
+    assert api.get_sd_vae() == [] and api.get_cmd_flags()["api_auth"] == "***"  # never the credentials
+    assert requests.get(setup["server"].url + "/internal/ping", auth=AUTH).json() == {}
+    assert post(setup, "refresh-checkpoints").status_code == 200
+
+
+def test_save_images_numbers_files_as_a1111(api, setup):
+    api.txt2img(prompt=PROMPT, seed=40, batch_size=2, save_images=True, **SETTINGS)
+    api.txt2img(prompt=PROMPT, seed=50, save_images=True, **SETTINGS)
+    names = sorted(p.name for p in (setup["tmp"] / "outputs").iterdir())
+    assert names == ["00000-40.png", "00001-41.png", "00002-50.png"]
+
+
+# -- a client that goes away, a full queue ---------------------------------------------------------------------------
+def test_a_client_that_disconnects_does_not_leave_the_worker_stuck(api, setup):
+    with ThreadPoolExecutor(1) as pool:
+        # the client gives up after 2 s; the server notices and stops its job at the next step
+        job = pool.submit(post, setup, "txt2img", {"prompt": "x", "steps": 1000, "width": 64, "height": 64},
+                          timeout=2)
+        wait_until_running(api)
+        with pytest.raises(requests.Timeout):
+            job.result()
+    deadline = time.time() + 10
+    while api.get_progress()["state"]["job_count"]:
+        assert time.time() < deadline, "the abandoned job still runs"
+        time.sleep(0.1)
+    assert api.txt2img(prompt=PROMPT, seed=11, **SETTINGS).images  # and the next one is served
+
+
+def test_a_full_queue_answers_503_with_retry_after(api, setup):
+    body = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
+    with ThreadPoolExecutor(26) as pool:
+        long_job = pool.submit(post, setup, "txt2img", {**body, "steps": 1000})
+        wait_until_running(api)
+        waiting = [pool.submit(post, setup, "txt2img", body) for _ in range(24)]  # --max-queue 24
+        deadline = time.time() + 30
+        while api.get_progress()["textinfo"].split(", ")[-1] != "24 queued":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        full = post(setup, "txt2img", body)
+        api.interrupt()
+        assert long_job.result().status_code == 200
+        assert all(w.result().status_code == 200 for w in waiting)
+    assert full.status_code == 503 and int(full.headers["Retry-After"]) >= 1
+    assert "queue is full" in full.json()["detail"]
+
+
+# -- load -----------------------------------------------------------------------------------------------------------
+def test_eight_clients_three_requests_each(setup, capsys):
+    """8 clients each send 3 requests 50 ms apart without waiting: every answer is the one asked for, each client's
+    answers come back in the order sent (one FIFO queue), none is lost, and the server's memory stays bounded."""
+    server = setup["server"]
+    before = server.memory()
+
+    def client(c):
+        def one(k):
+            seed = 1000 + 10 * c + k
+            r = post(setup, "txt2img", {"prompt": f"client {c} request {k}", "seed": seed, "steps": 2,
+                                        "width": 64, "height": 64, "sampler_name": "Euler"}, timeout=300)
+            return k, seed, r, time.perf_counter()
+
+        with ThreadPoolExecutor(3) as pool:
+            futures = []
+            for k in range(3):
+                futures.append(pool.submit(one, k))
+                time.sleep(0.05)
+            return [f.result() for f in futures]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(client, range(8)))
+    seconds = time.perf_counter() - start
+    after = server.memory()
+    for c, results in enumerate(answers):
+        for k, seed, r, _ in results:
+            assert r.status_code == 200, r.text
+            info = json.loads(r.json()["info"])
+            assert info["prompt"] == f"client {c} request {k}" and info["all_seeds"] == [seed]
+            assert len(r.json()["images"]) == 1
+        done = [t for *_, t in results]
+        assert done == sorted(done), f"client {c}: answers out of order"
+    assert after["VmHWM"] < 3 * 2 ** 30 and after["VmRSS"] - before["VmRSS"] < 300 * 2 ** 20
+    with capsys.disabled():
+        print(f"\nload: 24 requests in {seconds:.1f} s; server RSS {before['VmRSS'] / 2 ** 20:.0f} -> "
+              f"{after['VmRSS'] / 2 ** 20:.0f} MiB, peak {after['VmHWM'] / 2 ** 20:.0f} MiB")
