@@ -28,7 +28,7 @@ from serve_helpers import AUTH, ENV, Server  # noqa: E402
 PROMPT = "a large red circle in the center on a blue background"
 SETTINGS = dict(steps=4, cfg_scale=7.0, width=64, height=64, sampler_name="Euler a")
 CLI_SETTINGS = ["--steps", "4", "--cfg", "7", "--width", "64", "--height", "64", "--sampler", "Euler a", "--quiet"]
-MAX_PIXELS = 256 * 256  # keeps the body limit small enough to test (about 0.35 MB)
+MAX_PIXELS = 256 * 256  # keeps the body limit small enough to test (1.7 MB)
 
 
 def cli(out, *args):
@@ -289,3 +289,103 @@ def test_eight_clients_three_requests_each(setup, capsys):
     with capsys.disabled():
         print(f"\nload: 24 requests in {seconds:.1f} s; server RSS {before['VmRSS'] / 2 ** 20:.0f} -> "
               f"{after['VmRSS'] / 2 ** 20:.0f} MiB, peak {after['VmHWM'] / 2 ** 20:.0f} MiB")
+
+
+# -- what a client should never send ----------------------------------------------------------------------------------
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png_bomb(side: int = 60000) -> bytes:
+    """A 60000x60000 RGB PNG of a few kB: 10.8 GB once decompressed (the header says so before anything is read)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = b"\0" * (1 + 3 * side)
+    idat = zlib.compress(row * 64, 9)  # the first 64 rows; a decoder would have to allocate the whole image
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def png(size=(64, 64)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buffer, format="PNG")
+    return b64(buffer.getvalue())
+
+
+GOOD = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
+# (what is tried, path, JSON body or raw bytes, auth, expected status, a word the error must contain)
+MALFORMED = [
+    ("steps is a word", "txt2img", {**GOOD, "steps": "many"}, AUTH, 422, "steps"),
+    ("seed is a fraction", "txt2img", {**GOOD, "seed": 1.5}, AUTH, 422, "seed"),
+    ("seed below -1", "txt2img", {**GOOD, "seed": -7}, AUTH, 422, "seed"),
+    ("prompt is a number", "txt2img", {**GOOD, "prompt": 123}, AUTH, 422, "prompt"),
+    ("100k-character prompt", "txt2img", {**GOOD, "prompt": "a" * 100_000}, AUTH, 422, "prompt"),
+    ("negative width", "txt2img", {**GOOD, "width": -64}, AUTH, 422, "width"),
+    ("zero height", "txt2img", {**GOOD, "height": 0}, AUTH, 422, "height"),
+    ("width not a multiple of 8", "txt2img", {**GOOD, "width": 100}, AUTH, 422, "width"),
+    ("4096x4096 over --max-pixels", "txt2img", {**GOOD, "width": 4096, "height": 4096}, AUTH, 422, "max-pixels"),
+    ("batch_size 0", "txt2img", {**GOOD, "batch_size": 0}, AUTH, 422, "batch_size"),
+    ("n_iter 1000", "txt2img", {**GOOD, "n_iter": 1000}, AUTH, 422, "n_iter"),
+    ("cfg_scale NaN", "txt2img", {**GOOD, "cfg_scale": "nan"}, AUTH, 422, "cfg_scale"),
+    ("unknown sampler", "txt2img", {**GOOD, "sampler_name": "Eulr a"}, AUTH, 422, "Euler a"),
+    ("unknown scheduler", "txt2img", {**GOOD, "scheduler": "fancy"}, AUTH, 422, "scheduler"),
+    ("hires fix asked", "txt2img", {**GOOD, "enable_hr": True}, AUTH, 422, "enable_hr"),
+    ("override_settings is a list", "txt2img", {**GOOD, "override_settings": [1]}, AUTH, 422, "override_settings"),
+    ("model ../../etc/passwd", "txt2img", {**GOOD, "override_settings": {"sd_model_checkpoint": "../../etc/passwd"}},
+     AUTH, 404, "sd_model_checkpoint"),
+    ("clip skip 99", "txt2img", {**GOOD, "override_settings": {"CLIP_stop_at_last_layers": 99}}, AUTH, 422,
+     "CLIP_stop_at_last_layers"),
+    ("body is not JSON", "txt2img", b"{prompt: x", AUTH, 422, "json"),
+    ("body is a JSON list", "txt2img", [GOOD], AUTH, 422, "body"),
+    ("body over the limit", "txt2img", {**GOOD, "padding": "x" * 2_000_000}, AUTH, 413, "larger"),
+    ("no init image", "img2img", GOOD, AUTH, 422, "init_images"),
+    ("init image not base64", "img2img", {**GOOD, "init_images": ["@@@ not base64 @@@"]}, AUTH, 422, "base64"),
+    ("init image not an image", "img2img", {**GOOD, "init_images": [b64(b"hello, I am text")]}, AUTH, 422,
+     "init_images"),
+    ("init image a URL", "img2img", {**GOOD, "init_images": ["http://169.254.169.254/x.png"]}, AUTH, 422, "URL"),
+    ("PNG bomb 60000x60000", "img2img", {**GOOD, "init_images": [b64(png_bomb())]}, AUTH, 413, "max-pixels"),
+    ("PNG of 1024x1024 over --max-pixels", "img2img", {**GOOD, "init_images": [png((1024, 1024))]}, AUTH, 413,
+     "1024x1024"),
+    ("mask not an image", "img2img", {**GOOD, "init_images": [png()], "mask": b64(b"GIF89a junk")}, AUTH, 422, "mask"),
+    ("denoising_strength 2", "img2img", {**GOOD, "init_images": [png()], "denoising_strength": 2}, AUTH, 422,
+     "denoising_strength"),
+    ("inpainting_fill latent noise", "img2img", {**GOOD, "init_images": [png()], "mask": png(), "inpainting_fill": 2},
+     AUTH, 422, "inpainting_fill"),
+    ("options: model /etc/passwd", "options", {"sd_model_checkpoint": "/etc/passwd"}, AUTH, 404, "/etc/passwd"),
+    ("options: model ../second.safetensors", "options", {"sd_model_checkpoint": "../models/second.safetensors"},
+     AUTH, 404, "sd_model_checkpoint"),
+    ("options: clip skip a word", "options", {"CLIP_stop_at_last_layers": "two"}, AUTH, 422,
+     "CLIP_stop_at_last_layers"),
+    ("png-info of an empty string", "png-info", {"image": ""}, AUTH, 422, "image"),
+    ("png-info without image", "png-info", {}, AUTH, 422, "image"),
+    ("no credentials", "txt2img", GOOD, None, 401, "password"),
+    ("wrong password", "txt2img", GOOD, (AUTH[0], "guess"), 401, "password"),
+    ("unknown user", "txt2img", GOOD, ("root", AUTH[1]), 401, "password"),
+]
+
+
+def test_malformed_requests_get_a_4xx_naming_the_field(setup, api):
+    rows = []
+    for what, path, body, auth, status, word in MALFORMED:
+        kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) \
+            else {"json": body}
+        r = requests.post(f"{setup['server'].url}/sdapi/v1/{path}", auth=auth, timeout=60, **kwargs)
+        rows.append((what, r.status_code, r.text[:150]))
+        assert r.status_code == status, (what, r.status_code, r.text[:300])
+        assert word.lower() in r.text.lower(), (what, r.text[:300])
+        assert "Traceback" not in r.text and "File \"" not in r.text and len(r.text) < 5000, what
+        json.loads(r.text)
+    assert len(rows) >= 20
+    # the worker was never hurt: a good request still works
+    assert api.txt2img(prompt=PROMPT, seed=11, **SETTINGS).images
+    if os.environ.get("SDTORCH_SERVE_REPORT"):
+        for what, code, text in rows:
+            print(f"| {what} | {code} | {text} |")
+
+
+def test_unknown_but_valid_a1111_fields_are_accepted(setup):
+    r = post(setup, "txt2img", {**GOOD, "restore_faces": True, "tiling": False, "s_churn": 0.5, "hr_scale": 2,
+                                "alwayson_scripts": {"ControlNet": {"args": []}}, "script_args": [], "styles": None,
+                                "some_extension_field": {"x": [1, 2]}, "sampler_index": "Euler"})
+    assert r.status_code == 200, r.text
+    assert r.json()["parameters"]["some_extension_field"] == {"x": [1, 2]}

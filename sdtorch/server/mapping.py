@@ -86,12 +86,15 @@ def decode_image(data, field: str, max_pixels: int) -> Image.Image:
         raise FieldError(field, "is not valid base64") from None
     try:
         image = Image.open(io.BytesIO(raw))
-        if image.width * image.height > max_pixels:  # checked from the header, before decompressing anything
-            raise FieldError(field, f"image is {image.width}x{image.height}, more than --max-pixels {max_pixels}",
-                             status=413)
+    except Image.DecompressionBombError as e:  # PIL's own guard, above ~179 M pixels
+        raise FieldError(field, f"image larger than --max-pixels {max_pixels} ({e})", status=413) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise FieldError(field, f"is not a readable image ({e.__class__.__name__})") from None
+    if image.width * image.height > max_pixels:  # read from the header, before anything is decompressed
+        raise FieldError(field, f"image is {image.width}x{image.height}, more than --max-pixels {max_pixels}",
+                         status=413)
+    try:
         image.load()
-    except FieldError:
-        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise FieldError(field, f"is not a readable image ({e.__class__.__name__})") from None
     return image
