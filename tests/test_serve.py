@@ -9,7 +9,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -72,7 +71,7 @@ def setup(tmp_path_factory):
                                                       tmp / "mask.png", "--strength", 0.9, *CLI_SETTINGS))}
     server = Server("--models-dir", models, "--model", model, "--max-queue", 24, "--max-pixels", MAX_PIXELS,
                     "--outdir", tmp / "outputs")
-    for path, proc in refs.values():
+    for _, proc in refs.values():
         assert proc.wait(timeout=300) == 0, proc.stdout.read()
     yield {"server": server, "tmp": tmp, "refs": {k: path for k, (path, _) in refs.items()}}
     server.stop()
@@ -147,16 +146,16 @@ def test_options_switch_between_two_models(api):
     assert [t.split(" [")[0] for t in titles] == ["builtin.safetensors", "second.safetensors"]
     api.util_set_model("second.safetensors", find_closest=False)
     try:
-        assert api.util_get_current_model() == "second.safetensors"
+        assert api.util_get_current_model().split(" [")[0] == "second.safetensors"
         result = api.txt2img(prompt=PROMPT, seed=5, **SETTINGS)
         assert result.info["sd_model_name"] == "second" and "Model: second" in result.info["infotexts"][0]
         # one request may name another model without switching (override_settings, restored afterwards)
         other = api.txt2img(prompt=PROMPT, seed=5, override_settings={"sd_model_checkpoint": "builtin"}, **SETTINGS)
         assert other.info["sd_model_name"] == "builtin"
-        assert api.get_options()["sd_model_checkpoint"] == "second.safetensors"
+        assert api.get_options()["sd_model_checkpoint"].startswith("second.safetensors [")
     finally:
         api.set_options({"sd_model_checkpoint": "builtin.safetensors"})
-    assert api.util_get_current_model() == "builtin.safetensors"
+    assert api.util_get_current_model() == "builtin.safetensors [d3aef2d176]"  # A1111's title: name [short hash]
 
 
 def test_clip_skip_override_reaches_the_pipeline(api):
@@ -389,3 +388,114 @@ def test_unknown_but_valid_a1111_fields_are_accepted(setup):
                                 "some_extension_field": {"x": [1, 2]}, "sampler_index": "Euler"})
     assert r.status_code == 200, r.text
     assert r.json()["parameters"]["some_extension_field"] == {"x": [1, 2]}
+
+
+# -- the page, in a real headless Chromium ----------------------------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"  # the system's package (.ci/run installs it); playwright's own download is not used
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no {CHROMIUM}")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, setup):
+    context = browser.new_context(http_credentials={"username": AUTH[0], "password": AUTH[1]},
+                                  viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    page.goto(setup["server"].url + "/")
+    page.wait_for_function("document.getElementById('sampler').options.length > 0")
+    yield page
+    context.close()
+
+
+def image_of(src: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+
+
+def set_form(page, prompt, seed, steps=4):
+    page.fill("#prompt", prompt)
+    page.select_option("#sampler", "Euler a")
+    page.fill("#steps", str(steps))
+    page.fill("#cfg", "7")
+    page.fill("#seed", str(seed))
+
+
+def test_page_makes_the_cli_image_and_reuses_its_seed(page, setup):
+    assert page.input_value("#width") == "64" and page.input_value("#height") == "64"  # the model's size
+    set_form(page, PROMPT, 11)
+    page.click("#generate")
+    page.wait_for_selector(".result img")
+    assert np.array_equal(pixels(image_of(page.get_attribute(".result img", "src"))),
+                          pixels(setup["refs"]["txt2img"]))
+    assert "Seed: 11" in page.inner_text(".result pre")
+    assert page.get_attribute(".result a", "download") == "11.png"
+    page.click("#seed-random")
+    assert page.input_value("#seed") == "-1"
+    page.click("#seed-reuse")
+    assert page.input_value("#seed") == "11"
+
+
+def test_page_shows_progress_and_the_live_preview(page, api):
+    set_form(page, PROMPT, 3, steps=1000)
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('preview').src.startsWith('data:image/png')", timeout=60_000)
+    assert float(page.get_attribute("#progress", "value") or page.eval_on_selector("#progress", "e => e.value")) > 0
+    api.interrupt()
+    page.wait_for_function("!document.getElementById('generate').disabled", timeout=60_000)
+
+
+def test_page_inpaints_a_painted_mask(page, setup):
+    page.click("#tab-img2img")
+    page.set_input_files("#init", str(setup["tmp"] / "init.png"))
+    page.wait_for_function("document.getElementById('mask').width === 64")
+    box = page.locator("#mask").bounding_box()  # 256 px on screen for 64 image pixels
+    page.mouse.move(box["x"] + 20, box["y"] + 20)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 100, box["y"] + 200, steps=12)
+    page.mouse.up()
+    set_form(page, "a yellow circle", 13)
+    page.fill("#strength", "0.9")
+    page.select_option("#fill", "1")
+    page.click("#generate")
+    page.wait_for_selector(".result img")
+    result = pixels(image_of(page.get_attribute(".result img", "src")))
+    init = pixels(setup["tmp"] / "init.png")
+    assert "Denoising strength: 0.9" in page.inner_text(".result pre")
+    assert np.array_equal(result[:, 40:], init[:, 40:])  # far from the stroke (and its 4-pixel blur): the original
+    assert not np.array_equal(result[5:50, 5:25], init[5:50, 5:25])  # under the stroke: repainted
+
+
+def test_dropping_a_png_fills_the_form(page, setup):
+    set_form(page, "something else", 999, steps=30)
+    page.fill("#width", "128")
+    data = b64(setup["refs"]["txt2img"].read_bytes())
+    page.evaluate("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        document.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+    }""", data)
+    page.wait_for_function("document.getElementById('seed').value === '11'")
+    assert page.input_value("#prompt") == PROMPT and page.input_value("#steps") == "4"
+    assert page.input_value("#width") == "64" and page.input_value("#sampler") == "Euler a"
+    assert page.input_value("#scheduler") == "normal"  # "Schedule type: Normal", the schedule Euler a ran
+
+
+def test_page_screenshot(page):
+    """A gallery of four images; saved for the README when SDTORCH_SCREENSHOT names a file."""
+    set_form(page, PROMPT, 1, steps=20)
+    page.fill("#batch", "4")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('.result').length === 4", timeout=120_000)
+    if os.environ.get("SDTORCH_SCREENSHOT"):
+        page.screenshot(path=os.environ["SDTORCH_SCREENSHOT"])

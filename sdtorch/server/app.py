@@ -21,7 +21,6 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from PIL import ImageOps
 
 from ..diffusion.samplers import SAMPLERS, SCHEDULES
 from ..metadata import parse_parameters
@@ -52,7 +51,7 @@ class ServerConfig:
         return 2 * self.max_pixels * 4 * 4 // 3 + 2 ** 20
 
 
-# -- middleware (plain ASGI: they run on every request, so they stay cheap) ----------------------------------------------
+# -- middleware (plain ASGI: they run on every request, so they stay cheap) -------------------------------------------
 def parse_credentials(text: str) -> dict[str, str]:
     credentials = {}
     for pair in text.split(","):
@@ -71,7 +70,7 @@ class BasicAuth:
         self.credentials = [(u.encode(), p.encode()) for u, p in credentials.items()]
 
     def allowed(self, header: bytes | None) -> bool:
-        if not header or not header[:6].lower() == b"basic ":
+        if not header or header[:6].lower() != b"basic ":
             return False
         try:
             user, _, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
@@ -129,7 +128,7 @@ class BodyLimit:
                 await too_large(scope, receive, send)
 
 
-# -- the app ------------------------------------------------------------------------------------------------------------
+# -- the app ----------------------------------------------------------------------------------------------------------
 def build_app(worker: Worker, checkpoints: Checkpoints, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="sdtorch", docs_url=None, redoc_url=None)
     options: dict[str, Any] = {"sd_model_checkpoint": worker.checkpoint.title, "CLIP_stop_at_last_layers": 1,
@@ -200,8 +199,7 @@ def build_app(worker: Worker, checkpoints: Checkpoints, config: ServerConfig) ->
                                            config.max_pixels)
             if req.mask:
                 mask = await run_in_threadpool(mapping.decode_image, req.mask, "mask", config.max_pixels)
-                if req.inpainting_mask_invert:
-                    mask = ImageOps.invert(mask.convert("L"))
+                mask = mapping.mask_from_a1111(mask, bool(req.inpainting_mask_invert))
                 if req.inpainting_fill == 0:
                     init = await run_in_threadpool(mapping.fill_masked, init, mask)
                 elif req.inpainting_fill > 1:
@@ -262,7 +260,8 @@ def build_app(worker: Worker, checkpoints: Checkpoints, config: ServerConfig) ->
     @app.get("/sdapi/v1/options")
     def get_options():
         checkpoint = checkpoints.find(options["sd_model_checkpoint"])
-        return {**options, "sd_checkpoint_hash": checkpoint.hash if checkpoint else None,
+        title = checkpoint.as_a1111()["title"] if checkpoint else options["sd_model_checkpoint"]  # with its hash
+        return {**options, "sd_model_checkpoint": title, "sd_checkpoint_hash": checkpoint.hash if checkpoint else None,
                 "sdtorch_model_resolution": worker.resolution}  # the page's default size
 
     @app.post("/sdapi/v1/options")

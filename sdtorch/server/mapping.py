@@ -11,7 +11,7 @@ import inspect
 import io
 import json
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..diffusion.samplers import SCHEDULES, parse_sampler_name
 
@@ -50,7 +50,8 @@ def generation_kwargs(req, options: dict, resolution: int, max_pixels: int) -> d
     overrides = {**options, **req.override_settings}
     clip_skip = overrides.get("CLIP_stop_at_last_layers", 1)
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= 12:
-        raise FieldError("override_settings.CLIP_stop_at_last_layers", f"must be an integer in 1..12, got {clip_skip!r}")
+        raise FieldError("override_settings.CLIP_stop_at_last_layers",
+                         f"must be an integer in 1..12, got {clip_skip!r}")
     width, height = req.width or resolution, req.height or resolution
     for field, value in (("width", width), ("height", height)):
         if value % 8:
@@ -100,6 +101,16 @@ def decode_image(data, field: str, max_pixels: int) -> Image.Image:
     return image
 
 
+def mask_from_a1111(mask: Image.Image, invert: bool) -> Image.Image:
+    """A1111's create_binary_mask reads the alpha channel only when it is not fully opaque: a canvas exported by a
+    browser is RGBA with alpha 255 everywhere, and its colours are the mask."""
+    if mask.mode in ("RGBA", "LA") and mask.getextrema()[-1] == (255, 255):
+        mask = mask.convert("L")
+    if invert:
+        mask = ImageOps.invert(mask.getchannel("A") if mask.mode in ("RGBA", "LA") else mask.convert("L"))
+    return mask
+
+
 def encode_png(image: Image.Image) -> str:
     """Base64 PNG carrying the image's "parameters" text, as A1111's API sends its images."""
     from ..metadata import save_png
@@ -138,7 +149,8 @@ def fill_masked(image: Image.Image, mask: Image.Image, blur: float = 16.0) -> Im
     from .. import images as imgs
 
     pixels = imgs.pil_to_tensor(image)  # (1, 3, H, W)
-    keep = (imgs.pil_to_tensor(mask.convert("L").resize(image.size))[:, :1] < 0).float()  # (1, 1, H, W)
+    mask = mask.getchannel("A") if mask.mode in ("RGBA", "LA") else mask.convert("L")  # as images.prepare_mask
+    keep = (imgs.pil_to_tensor(mask.resize(image.size))[:, :1] < 0).float()  # (1, 1, H, W)
     radius = int(3 * blur)
     taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1) / blur) ** 2)
     taps = taps / taps.sum()

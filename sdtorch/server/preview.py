@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 
 import torch
-from PIL import Image
 
 from .. import images as imgs
 

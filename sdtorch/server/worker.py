@@ -8,6 +8,7 @@ partly denoised batch; here it is dropped).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import queue
@@ -192,7 +193,7 @@ class Worker:
         from ..metadata import params_to_kwargs, parse_parameters, save_png
 
         seed = params_to_kwargs(parse_parameters(images[0].info["parameters"])[2])["seed"]
-        for image, path in zip(images, output_paths(folder, len(images), seed)):
+        for image, path in zip(images, output_paths(folder, len(images), seed), strict=True):
             save_png(image, path, image.info["parameters"])
 
     def preview_png(self) -> bytes | None:
@@ -204,7 +205,5 @@ class Worker:
 
     def stop(self) -> None:
         self.interrupt()
-        try:
+        with contextlib.suppress(queue.Full):
             self.queue.put_nowait(None)
-        except queue.Full:
-            pass

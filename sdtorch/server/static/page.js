@@ -126,7 +126,7 @@ async function generate() {
     const r = await api(mode === "img2img" ? "img2img" : "txt2img", body);
     const info = JSON.parse(r.info);
     lastSeed = info.seed;
-    r.images.forEach((b64, k) => addResult(b64, info.infotexts[k], info.all_seeds[k]));
+    for (let k = r.images.length - 1; k >= 0; k--) addResult(r.images[k], info.infotexts[k], info.all_seeds[k]);
     $("progress").value = 1;
   } catch (e) {
     $("error").textContent = e.message;
