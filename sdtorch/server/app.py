@@ -171,7 +171,10 @@ def build_app(worker: Worker, checkpoints: Checkpoints, config: ServerConfig) ->
         while True:
             done, _ = await asyncio.wait({future}, timeout=0.5)
             if done:
-                return future.result()
+                try:
+                    return future.result()
+                except ValueError as e:  # the pipeline or the loader refused something (sdtorch's bad-input errors)
+                    return JSONResponse({"detail": str(e)}, status_code=422)
             if await request.is_disconnected():
                 job.abandoned = True
                 job.future.cancel()  # still queued: the worker skips it
