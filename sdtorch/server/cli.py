@@ -26,8 +26,8 @@ def add_serve_parser(sub) -> None:
 
 
 def run_serve(args) -> int:
-    from ..cli import CLIError
-
+    """Bad options raise ValueError: the CLI prints it in one line and exits 2 (CLIError would be a second class when
+    the CLI runs as `python -m sdtorch.cli`)."""
     try:
         import uvicorn
 
@@ -35,17 +35,17 @@ def run_serve(args) -> int:
         from .checkpoints import Checkpoints
         from .worker import Worker
     except ImportError as e:
-        raise CLIError(f"sdtorch serve needs the serve extra: pip install 'sdtorch[serve]' ({e.name} is missing)") \
+        raise ValueError(f"sdtorch serve needs the serve extra: pip install 'sdtorch[serve]' ({e.name} is missing)") \
             from None
     from .. import BUILTIN_MODEL
 
     if args.models_dir and not Path(args.models_dir).is_dir():
-        raise CLIError(f"--models-dir: no such folder: {args.models_dir}")
+        raise ValueError(f"--models-dir: no such folder: {args.models_dir}")
     if args.model and not Path(args.model).exists():
-        raise CLIError(f"--model: not found: {args.model}")
+        raise ValueError(f"--model: not found: {args.model}")
     for name in ("max_queue", "max_pixels"):
         if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.api_auth:
         parse_credentials(args.api_auth)  # ValueError: one line, exit 2
     checkpoints = Checkpoints(args.models_dir, args.model)

@@ -6,8 +6,9 @@ Wiener estimate E[x_0 | x] = x / (1 + σ²) (a unit Gaussian prior) shows the pi
 - Small VAEs (the built-in model's decoder has 0.6 M parameters: ~12 ms for 64x64) decode that estimate in full.
 - Large ones (SD 1.5: ~10 s at 512² on a CPU, which would steal the worker's cores) use A1111's "Approx cheap" idea:
   one linear map per latent pixel, 4 channels + bias -> RGB. Its matrix is fitted to whichever VAE is loaded, once:
-  least squares from the latents of flat colour patches to the patches' colours. A latent pixel of an f=8 VAE covers
-  8x8 pixels, and on images of 16x16 patches each latent pixel sees one colour.
+  least squares from the latents of 16 procedural shapes images (sdtorch.train.shapes: flat colours and sharp
+  edges) to the mean colour of the 8x8 pixels each latent pixel covers. Random colour patches would do for SD's VAE,
+  but the built-in VAE only knows the shapes' palette (its round trip of random colours is off by 51/255).
 """
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ import torch
 from .. import images as imgs
 
 FULL_DECODE_MAX_PARAMETERS = 5_000_000
-PATCH, GRID, IMAGES = 16, 4, 16  # 16 images of 4x4 patches of 16 pixels: 64x64, a fraction of a second even for SD
+IMAGES = 16  # 64x64 each: a fraction of a second to encode even for SD 1.5
 
 
 @torch.no_grad()
 def fit_latent_to_rgb(pipe, seed: int = 0) -> torch.Tensor:
     """(C+1, 3) matrix W with [latent, 1] @ W ≈ the mean colour in [-1, 1] of the 8x8 pixels under a latent pixel."""
-    colours = torch.rand(IMAGES, 3, GRID, GRID, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    images = colours.repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3)  # (N, 3, 64, 64)
+    from ..train.shapes import example
+
+    images = torch.cat([imgs.pil_to_tensor(example(seed, i)[0]) for i in range(IMAGES)])  # (N, 3, 64, 64)
     latents = pipe.encode_image(images).float().cpu()  # (N, C, 8, 8), scaled as the sampler sees them
     x = torch.cat([latents, torch.ones_like(latents[:, :1])], 1).permute(0, 2, 3, 1).flatten(0, 2)  # (N·64, C+1)
     y = torch.nn.functional.avg_pool2d(images, 8).permute(0, 2, 3, 1).flatten(0, 2)  # (N·64, 3)
