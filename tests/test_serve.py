@@ -376,6 +376,10 @@ def test_malformed_requests_get_a_4xx_naming_the_field(setup, api):
         assert "Traceback" not in r.text and "File \"" not in r.text and len(r.text) < 5000, what
         json.loads(r.text)
     assert len(rows) >= 20
+    chunks = (b'{"prompt": "' + b"x" * 2 ** 16 for _ in range(40))  # 2.6 MB without a Content-Length
+    r = requests.post(f"{setup['server'].url}/sdapi/v1/txt2img", data=chunks, auth=AUTH, timeout=60,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
     # the worker was never hurt: a good request still works
     assert api.txt2img(prompt=PROMPT, seed=11, **SETTINGS).images
     if os.environ.get("SDTORCH_SERVE_REPORT"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -89,8 +89,11 @@ class BasicAuth:
         await self.app(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised from receive(): FastAPI lets an HTTPException through its body parsing (any other error becomes 400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body larger than {limit} bytes")
 
 
 class BodyLimit:
@@ -113,7 +116,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _TooLarge
+                raise _TooLarge(self.limit)
             return message
 
         async def watching_send(message):
@@ -192,7 +195,7 @@ def build_app(worker: Worker, checkpoints: Checkpoints, config: ServerConfig) ->
     async def generate(req, request: Request, kind: str):
         override = req.override_settings.get("sd_model_checkpoint")
         checkpoint = (checkpoint_named(override, "override_settings.sd_model_checkpoint") if override is not None
-                      else checkpoints.find(options["sd_model_checkpoint"]))
+                      else checkpoint_named(options["sd_model_checkpoint"], "sd_model_checkpoint"))
         kwargs = mapping.generation_kwargs(req, options, worker.resolution, config.max_pixels)
         init = mask = None
         if kind == "img2img":
@@ -217,7 +220,7 @@ def build_app(worker: Worker, checkpoints: Checkpoints, config: ServerConfig) ->
         if isinstance(result, Response):
             return result
         if not req.override_settings_restore_afterwards:
-            options.update(req.override_settings)
+            options.update({k: v for k, v in req.override_settings.items() if k in options})
         clip_skip = kwargs["clip_skip"]
         info = mapping.a1111_info(req, kwargs, seed, subseed, result.images, result.model_name, result.model_hash,
                                   result.timestamp, clip_skip)

@@ -76,9 +76,10 @@ class Progress:
 
     def fraction(self) -> float:
         """A1111's progress: 0.01 + finished batches + the running batch's share of steps, at most 1."""
-        done = 0.01 + self.job_no / self.job_count
+        count = self.job_count or 1  # read while the worker may be resetting it
+        done = 0.01 + self.job_no / count
         if self.sampling_steps:
-            done += self.sampling_step / self.sampling_steps / self.job_count
+            done += self.sampling_step / self.sampling_steps / count
         return min(done, 1.0)
 
 
