@@ -36,7 +36,7 @@ def load_pipeline(side: str, path: str, config_dir: str, device: str = "cpu", dt
     if side == "ours":
         import sdtorch
 
-        return sdtorch.load(path, device=device, dtype=dtype)
+        return sdtorch.load(path, device=device, dtype=dtype, tune_allocator=True)  # as the `sdtorch` command runs
     from diffusers import StableDiffusionPipeline
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
@@ -114,7 +114,8 @@ def child(side: str, path: str, config_dir: str, steps: int, size: int, device: 
         total_s = time.perf_counter() - start
     # the decoded image in [-1, 1], so that the parent can compare the two sides (same weights, seed and sampler)
     torch.save(image.float().cpu(), Path(path).parent / f"image-{side}.pt")
-    step_times = [b - a for a, b in zip([start] + stamps[:-1], stamps)][1:]  # the first includes prompt encoding
+    # the first step includes the prompt encoding
+    step_times = [b - a for a, b in zip([start] + stamps[:-1], stamps, strict=True)][1:]
     peak = (rss_kib("VmHWM") - baseline) * 1024
     out = {"load_s": load_s, "encode_s": statistics.median(encode_times), "step_s": statistics.median(step_times),
            "first_step_s": stamps[0] - start,

@@ -59,7 +59,7 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # the server's threads = ours
         server = Server("--model", model, auth=None, env=env, timeout=600)
         try:
-            pipe = sdtorch.load(model)
+            pipe = sdtorch.load(model, tune_allocator=True)  # as the server loads it
             settings = dict(steps=args.steps, cfg=7.0, sampler="Euler", width=args.size, height=args.size)
             body = {"prompt": PROMPT, "steps": args.steps, "cfg_scale": 7.0, "sampler_name": "Euler",
                     "width": args.size, "height": args.size}

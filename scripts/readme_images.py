@@ -1,7 +1,9 @@
-"""Make the README's pictures: a grid of built-in-model samples, and the three training loss curves side by side.
+"""Make the README's pictures: a grid of built-in-model samples, and the three training loss curves side by side,
+drawn from the runs' log.jsonl (needs matplotlib: the `plots` extra).
 
     python scripts/readme_images.py [RUN_DIR]      (RUN_DIR as given to scripts/train_builtin.sh)
 """
+import json
 import sys
 from pathlib import Path
 
@@ -9,6 +11,7 @@ from PIL import Image, ImageDraw
 
 import sdtorch
 from sdtorch.cli import BUILTIN_MODEL
+from sdtorch.train.plots import loss_figure
 
 PROMPTS = [
     "a large red circle in the center on a blue background",
@@ -38,14 +41,10 @@ def samples_grid(out: Path) -> None:
 
 
 def loss_curves(run: Path, out: Path) -> None:
-    curves = [Image.open(run / part / "loss.png").convert("RGB") for part in ("clip", "vae", "unet")]
-    width = sum(c.width for c in curves)
-    strip = Image.new("RGB", (width, max(c.height for c in curves)), "white")
-    x = 0
-    for curve in curves:
-        strip.paste(curve, (x, 0))
-        x += curve.width
-    strip.save(out, optimize=True)
+    titles = {"clip": "CLIP (contrastive)", "vae": "VAE (reconstruction)", "unet": "UNet (noise prediction)"}
+    logs = {title: [json.loads(line) for line in (run / part / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+            for part, title in titles.items()}
+    loss_figure(logs).savefig(out, dpi=100)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ BUILTIN_MODEL = Path(__file__).parent / "data" / "builtin.safetensors"
 
 
 def load(path, *, vae=None, device="auto", dtype=None, ema: bool = False, prediction_type: str | None = None,
-         offload: bool = False):
-    """Load a checkpoint (single-file .safetensors/.ckpt or a diffusers folder) into a ready Pipeline."""
+         offload: bool = False, tune_allocator: bool = False):
+    """Load a checkpoint (single-file .safetensors/.ckpt or a diffusers folder) into a ready Pipeline.
+    `tune_allocator` lets a CPU pipeline change glibc's malloc settings for the whole process (faster steps; see
+    sdtorch.memory.keep_freed_blocks): the command line turns it on, a library caller decides."""
     from .checkpoint import load_checkpoint
     from .pipeline import Pipeline, resolve_device, resolve_dtype
 
@@ -23,7 +25,7 @@ def load(path, *, vae=None, device="auto", dtype=None, ema: bool = False, predic
                              prediction_type=prediction_type)
     return Pipeline(loaded.models, loaded.tokenizer, loaded.config, name=loaded.name,
                     model_hash=lambda: loaded.sha256_short, device=resolve_device(device), dtype=dtype,
-                    offload=offload)
+                    offload=offload, tune_allocator=tune_allocator)
 
 
 def save(pipe, path, *, dtype=None) -> Path:

@@ -163,7 +163,7 @@ def run_generate(args) -> int:
 
     import sdtorch
 
-    pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype)
+    pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype, tune_allocator=True)
     prompt, negative = s.pop("prompt"), s.pop("negative")
     strength = s.pop("strength")
     progress = None if args.quiet else make_progress_bar()
@@ -216,42 +216,11 @@ def run_info(args) -> int:
     if path.suffix.lower() == ".png":
         print(read_png_parameters(str(path)))
         return 0
+    from .checkpoint import describe_model
+
     for key, value in describe_model(path).items():
         print(f"{key}: {value}")
     return 0
-
-
-def describe_model(path: Path) -> dict:
-    """Family, format, prediction type, parameters per part, stored dtype and A1111's short hash of a model."""
-    from contextlib import ExitStack
-
-    from .checkpoint import FAMILY_NAMES, detect_family, detect_format, load_checkpoint
-    from .checkpoint.formats import read_tensor_file
-
-    fmt = detect_format(path)
-    info = {"file": str(path), "format": fmt}
-    stored = None
-    if fmt != "diffusers-folder":
-        with ExitStack() as files:
-            tensors, _ = read_tensor_file(path, fmt, files)  # headers only: nothing is read yet
-            stored = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()
-                             if t.dtype.is_floating_point})
-        family = detect_family(tensors)
-        info["family"] = FAMILY_NAMES[family]
-        if family != "sd1":
-            info["tensors"] = len(tensors)
-            info["supported"] = "no (sdtorch loads SD 1.x models)"
-            return info
-    loaded = load_checkpoint(path)
-    models = loaded.models
-    info["family"] = FAMILY_NAMES[loaded.config.family]
-    info["prediction type"] = loaded.config.prediction_type
-    info["inpainting"] = "yes (9-channel UNet)" if loaded.config.unet.in_channels == 9 else "no"
-    for part in ("unet", "vae", "text_encoder"):
-        info[f"{part} parameters"] = f"{sum(p.numel() for p in getattr(models, part).parameters()):,}"
-    info["dtype"] = ", ".join(stored or sorted({str(p.dtype).removeprefix("torch.") for p in models.parameters()}))
-    info["sha256"] = loaded.sha256_short or "(a folder: no single-file hash)"
-    return info
 
 
 def run_samplers(args) -> int:
@@ -297,7 +266,7 @@ def run_eval(args) -> int:
     model = args.model or BUILTIN_MODEL
     if not Path(model).exists():
         raise CLIError(f"model not found: {model}")
-    pipe = sdtorch.load(model, device=args.device)
+    pipe = sdtorch.load(model, device=args.device, tune_allocator=True)
     bar = tqdm(total=args.count, file=sys.stderr, disable=args.quiet)
     result = evaluate(pipe, count=args.count, seed=args.seed if args.seed is not None else EVAL_SEED,
                       steps=args.steps, sampler=args.sampler, cfg=args.cfg,

@@ -74,7 +74,7 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     clip: CLIPTextConfig = field(default_factory=CLIPTextConfig)
-    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+    prediction_type: str = "epsilon"  # one of diffusion.schedule.PREDICTION_TYPES
     clip_pad_token_id: int | None = None  # None: pad with <|endoftext|> as SD 1.x does
     resolution: int = 512  # the image side the model was trained at: the default width and height
 
@@ -82,7 +82,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         def build(klass, values):
             values = dict(values)
             for f in dataclasses.fields(klass):
@@ -101,7 +101,7 @@ class ModelConfig:
                 d[name] = build(klass, d[name])
         return build(cls, d)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -15,7 +15,7 @@ import functools
 import mmap
 import os
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ def release(tensors: Iterable[torch.Tensor]) -> int:
         for begin, end in _page_spans(tensors):
             droppable = _file_pages(fd, begin, end).astype(np.int8)
             edges = np.flatnonzero(np.diff(np.concatenate(([0], droppable, [0]))))  # run starts, run ends
-            for first, last in zip(edges[::2], edges[1::2]):
+            for first, last in zip(edges[::2], edges[1::2], strict=True):
                 address, length = begin + int(first) * PAGE, int(last - first) * PAGE
                 if _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), mmap.MADV_DONTNEED) == 0:
                     released += length
@@ -127,7 +127,8 @@ def _glibc(name: str, *argtypes):
 @functools.cache
 def keep_freed_blocks() -> bool:
     """Tune glibc's malloc (process-wide, once) so that large freed blocks are reused rather than unmapped and
-    faulted in again; returns whether it applied (glibc on Linux only). The pipeline calls it for CPU generation."""
+    faulted in again; returns whether it applied (glibc on Linux only). A CPU pipeline calls it when built with
+    tune_allocator=True, as the command line builds it: a library must not change its host's allocator unasked."""
     mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
     if mallopt is None:
         return False

@@ -15,8 +15,8 @@ from reference import (diffusers_unet, diffusers_vae, ldm_original_config, max_r
                        transformers_clip)
 from sdtorch.checkpoint import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, KeyMismatchError,
                                 NotACheckpointError, ShapeMismatchError, UnsafeCheckpointError, UnsupportedModelError,
-                                convert, detect_family, detect_format, load_checkpoint, read_tensor_index,
-                                save_checkpoint, save_diffusers)
+                                convert, describe_model, detect_family, detect_format, load_checkpoint,
+                                read_tensor_index, save_checkpoint, save_diffusers)
 from sdtorch.checkpoint.diffusers_keys import from_diffusers, to_diffusers, unet_rules, vae_rules
 from sdtorch.checkpoint.infer import infer_sd1_config
 from sdtorch.config import SD1, CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
@@ -76,7 +76,8 @@ def forward_all(models: StableDiffusionModels, in_channels: int = 4):
 
 
 def assert_same_outputs(models, reference_models, in_channels: int = 4):
-    for ours, ref in zip(forward_all(models, in_channels), forward_all(reference_models, in_channels)):
+    for ours, ref in zip(forward_all(models, in_channels), forward_all(reference_models, in_channels),
+                         strict=True):
         assert max_rel_err(ours, ref) <= 1e-6
         assert torch.equal(ours, ref)  # same weights, same code: identical
 
@@ -302,6 +303,17 @@ def test_other_families_are_refused_by_name(tmp_path):
     vae = marker_file(tmp_path / "vae.safetensors", ["encoder.conv_in.weight", "decoder.conv_out.weight"])
     with pytest.raises(UnsupportedModelError, match="pass it as vae="):
         load_checkpoint(vae)
+
+
+def test_describe_model_counts_each_part_and_reads_other_files_from_their_headers(tmp_path, saved, source):
+    info = describe_model(saved)
+    assert info["family"] == "SD 1.x" and info["format"] == "safetensors" and info["dtype"] == "float32"
+    for part in ("unet", "vae", "text_encoder"):
+        assert info[f"{part} parameters"] == f"{sum(p.numel() for p in getattr(source, part).parameters()):,}"
+    assert info["sha256"] == hashlib.sha256(saved.read_bytes()).hexdigest()[:10]
+    odd = marker_file(tmp_path / "odd.safetensors", ["transformer.h.0.attn.weight", "lm_head.weight"])
+    assert describe_model(odd) == {"file": str(odd), "format": "safetensors", "family": "an unknown model",
+                                   "tensors": 2, "supported": "no (sdtorch loads SD 1.x models)"}
 
 
 # ---------------------------------------------------------------- diffusers folders

@@ -27,7 +27,7 @@ def test_upsample_equals_interpolate_then_conv(shape, channels_last):
     grad = torch.randn(ref.shape)
     g_ref = torch.autograd.grad(ref, [x, up.conv.weight, up.conv.bias], grad)
     g_out = torch.autograd.grad(out, [x, up.conv.weight, up.conv.bias], grad)
-    for a, b in zip(g_out, g_ref):  # trainable through the kernel folding
+    for a, b in zip(g_out, g_ref, strict=True):  # trainable through the kernel folding
         assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
 
 
@@ -53,8 +53,30 @@ def test_feed_forward_in_chunks_equals_whole():
     assert ((chunked - whole).abs().max() / whole.abs().max()).item() < 1e-6
     grad = torch.randn(whole.shape)
     for a, b in zip(torch.autograd.grad(chunked, [x, ff.net[0].proj.weight], grad),
-                    torch.autograd.grad(whole, [x, ff.net[0].proj.weight], grad)):
+                    torch.autograd.grad(whole, [x, ff.net[0].proj.weight], grad), strict=True):
         assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+
+
+def test_the_fast_forms_run_on_the_cpu_only(monkeypatch):
+    """Both rewrites were measured on the CPU alone; on another device (here "meta", which any torch has) the plain
+    forms run: the nearest-upsampled 3x3 conv, and the FeedForward on all tokens at once."""
+    from sdtorch.models import upsample
+    from sdtorch.models.attention import FeedForward
+
+    phases = []
+    monkeypatch.setattr(upsample, "upsample_conv", lambda x, conv: phases.append(x.device.type) or conv(
+        F.interpolate(x, scale_factor=2.0, mode="nearest")))
+    up = Upsample(4)
+    for device in ("cpu", "meta"):
+        assert up.to(device)(torch.zeros(1, 4, 3, 5, device=device)).shape == (1, 4, 6, 10)
+    assert phases == ["cpu"]
+    ff = FeedForward(8)
+    ff.whole_bytes, ff.chunk_bytes = 0, 1024  # rows of 256 bytes: chunks of 4 tokens
+    calls = []
+    ff.net.register_forward_hook(lambda module, args, out: calls.append(args[0].device.type))
+    for device in ("cpu", "meta"):
+        ff.to(device)(torch.zeros(1, 10, 8, device=device))
+    assert calls == ["cpu"] * 3 + ["meta"]
 
 
 needs_onednn = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN")
@@ -88,11 +110,12 @@ def test_packed_weights_equal_the_plain_layers(linear_proj):
             outs = [unet(*args) for args in inputs]
             was_packed = [p.packed is not None for p in packs]
         assert not _packs(unet) and all(p.packed is None for p in packs)  # the packs are freed
-        assert all(torch.equal(unet(*args), ref) for args, ref in zip(inputs, plain))  # plain again, bit for bit
+        # plain again, bit for bit
+        assert all(torch.equal(unet(*args), ref) for args, ref in zip(inputs, plain, strict=True))
     assert len(packs) == len(layers)
     upsample_convs = {id(m.conv) for m in unet.modules() if isinstance(m, Upsample)}  # they fold their own kernels
     assert was_packed == [id(p.layer) not in upsample_convs for p in packs]
-    for out, ref in zip(outs, plain):
+    for out, ref in zip(outs, plain, strict=True):
         # fp32: oneDNN's kernels sum in another order than MKL's; ~1e-6 relative per layer, through ~40 layers
         assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
 

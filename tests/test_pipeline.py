@@ -169,6 +169,12 @@ def test_bad_settings_raise_value_errors(pipe, bad, match):
         pipe.txt2img(PROMPT, **{**dict(steps=1, width=32, height=32), **bad})
 
 
+def test_eta_is_refused_by_a_sampler_without_one(pipe):
+    with pytest.raises(ValueError, match="takes no eta"):
+        pipe.txt2img(PROMPT, steps=1, width=32, height=32, sampler="Euler", eta=0.5)
+    assert len(pipe.txt2img(PROMPT, steps=1, width=32, height=32, sampler="Euler a", eta=0.5)) == 1
+
+
 def test_strength_outside_unit_range_is_an_error(pipe):
     with pytest.raises(ValueError, match="strength"):
         pipe.img2img(PROMPT, Image.new("RGB", (32, 32)), strength=1.5, steps=1)
@@ -186,7 +192,7 @@ def pipe_to_pil(pixels):
 
 @torch.no_grad()
 def test_long_prompt_is_encoded_in_75_token_chunks(pipe):
-    words = "red green blue yellow purple orange white black circle square triangle".split()
+    words = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "circle", "square", "triangle"]
     prompt = " ".join(words[i % len(words)] for i in range(100))  # 100 tokens, no commas, no emphasis
     tok = pipe.tokenizer
     ids = tok.encode(prompt)
@@ -207,6 +213,21 @@ def test_default_size_is_the_models_resolution_or_the_init_images():
     image = pipe32.txt2img(PROMPT, steps=1, seed=0)[0]
     assert image.size == (32, 32) and "Size: 32x32" in image.info["parameters"]
     assert pipe32.img2img(PROMPT, Image.new("RGB", (44, 20)), steps=1, seed=0)[0].size == (40, 16)
+
+
+def test_the_process_allocator_is_tuned_only_when_asked(tmp_path, monkeypatch):
+    """keep_freed_blocks changes glibc's malloc for the whole process: a library pipeline leaves it alone, one loaded
+    with tune_allocator=True (as the CLI loads it) sets it."""
+    import sdtorch
+    from sdtorch import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_blocks", lambda: calls.append("tuned") or True)
+    sdtorch.save(tiny_pipe(), tmp_path / "tiny.safetensors")
+    sdtorch.load(tmp_path / "tiny.safetensors", device="cpu").to("cpu")
+    assert calls == []
+    sdtorch.load(tmp_path / "tiny.safetensors", device="cpu", tune_allocator=True)
+    assert calls == ["tuned"]
 
 
 def test_released_weights_give_the_same_images(tmp_path, monkeypatch):

@@ -288,6 +288,16 @@ def test_registry_names_the_a1111_samplers_and_schedules():
             assert get_sampler(alias) is info, alias
 
 
+def test_registry_says_which_samplers_take_eta():
+    """The pipeline trusts `takes_eta` to refuse an eta a sampler would not use: it must match the signatures."""
+    import inspect
+
+    for info in SAMPLERS.values():
+        assert info.takes_eta == ("eta" in inspect.signature(info.fn).parameters), info.name
+    assert {n for n, i in SAMPLERS.items() if i.takes_eta} == {"DDIM", "Euler a", "DPM2 a", "DPM++ 2M SDE",
+                                                                "DPM++ SDE"}
+
+
 @pytest.mark.parametrize("name, expected", [
     ("euler_ancestral", "Euler a"), ("k_euler_a", "Euler a"), ("EULER A", "Euler a"), ("dpmpp_2m", "DPM++ 2M"),
     ("dpm++ 2m", "DPM++ 2M"), ("DPMPP_2M_SDE", "DPM++ 2M SDE"), ("dpm_2_ancestral", "DPM2 a"), ("uni_pc", "UniPC"),

@@ -18,8 +18,9 @@ import sdtorch
 from sdtorch.config import CLIPTextConfig, ModelConfig, VAEConfig
 from sdtorch.models import AutoencoderKL, CLIPTextModel
 from sdtorch.train.cli import TINY, add_train_parser, model_settings, run_train
-from sdtorch.train.engine import (EMA, atomic_file, image_grid, list_checkpoints, plot_curve, resolve_resume,
-                                  warmup_cosine)
+from sdtorch.train.checkpoints import atomic_file, list_checkpoints, resolve_resume
+from sdtorch.train.optim import EMA, warmup_cosine
+from sdtorch.train.plots import image_grid, save_loss_plot, smooth
 from sdtorch.train.objectives import load_parts, save_parts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,15 +264,22 @@ def test_two_gloo_processes_match_one_process(kind, tmp_path, frozen_parts):
     one = torch.load(list_checkpoints(tmp_path / "one")[-1], weights_only=True)
     assert ddp["world_size"] == 2 and len(ddp["rng"]) == 2
     # Float tolerance: the ranks' gradients are averaged in another order than one process sums them (~1e-7
-    # relative), and three Adam steps of lr 1e-3 keep the weights within 1e-5 (measured: 2e-6). The exception is
-    # CLIP's key biases: softmax ignores a shift shared by all keys, so their exact gradient is 0 and the computed
-    # one is rounding noise, which Adam normalizes into steps of up to lr: those may differ by up to 2·lr per step.
+    # relative), and three Adam steps of lr 1e-3 keep almost every weight within 1e-6. Adam divides each element's
+    # step by that element's own gradient size, though, so where an exact gradient nearly cancels over the batch the
+    # rounding of the other reduction order (2 ranks x 4 samples vs 1 x 8, which oneDNN blocks differently) becomes
+    # a visible part of the step: measured max 2e-6 on an AVX2 EPYC, 3.9e-5 (a UNet conv) on an AVX-512 Xeon. So: the
+    # mean within 1e-6, every weight within 1e-4 = a tenth of one step. The extreme case is CLIP's key biases:
+    # softmax ignores a shift shared by all keys, so their exact gradient is 0 and the computed one is rounding
+    # noise, which Adam normalizes into steps of up to lr: those may differ by up to 2·lr per step.
     noise_only = {k for k in one["model"] if k.endswith("self_attn.k_proj.bias")}
     diff = {k: (ddp["model"][k] - one["model"][k]).abs().max().item() for k in one["model"]}
-    assert max(v for k, v in diff.items() if k not in noise_only) < 1e-5
+    assert max(v for k, v in diff.items() if k not in noise_only) < 1e-4
+    mean = torch.cat([(ddp["model"][k] - one["model"][k]).abs().flatten() for k in one["model"] if k not in noise_only])
+    assert mean.mean().item() < 1e-6
     assert max((diff[k] for k in noise_only), default=0.0) < 2 * 1e-3 * 3
     if kind == "unet":
-        assert max((ddp["ema"][k] - one["ema"][k]).abs().max().item() for k in one["ema"]) < 1e-5
+        # the EMA follows the weights, so the same bound
+        assert max((ddp["ema"][k] - one["ema"][k]).abs().max().item() for k in one["ema"]) < 1e-4
     ddp_losses, one_losses = _losses(tmp_path / "ddp"), _losses(tmp_path / "one")
     assert all(abs(ddp_losses[s] - one_losses[s]) <= 1e-5 * abs(one_losses[s]) for s in one_losses)
 
@@ -301,10 +309,9 @@ def test_ema_warms_up_and_swaps_weights_in_and_out():
 def test_atomic_file_leaves_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "x.bin"
     path.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with atomic_file(path) as f:
-            f.write(b"new, half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_file(path) as f:
+        f.write(b"new, half")
+        raise RuntimeError("crash mid-write")
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
     with atomic_file(path) as f:
         f.write(b"new")
@@ -314,8 +321,20 @@ def test_atomic_file_leaves_the_old_file_when_writing_fails(tmp_path):
     assert resolve_resume("latest", tmp_path) is None
 
 
-def test_pictures():
+def test_pictures(tmp_path):
     grid = image_grid([-torch.ones(3, 3, 8, 8), torch.ones(2, 3, 8, 8)])
     assert grid.size == (24, 16) and grid.getpixel((0, 0)) == (0, 0, 0) and grid.getpixel((0, 8)) == (255, 255, 255)
-    curve = plot_curve(list(range(1, 101)), [1 / s for s in range(1, 101)], "loss")
-    assert curve.size == (640, 360) and len(curve.getcolors(maxcolors=1 << 16)) > 3  # something was drawn
+    records = [{"kind": "train", "step": s, "loss": 1 / s} for s in range(1, 101)] + [{"kind": "eval", "step": 50,
+                                                                                       "loss": 0.02}]
+    assert save_loss_plot(records, tmp_path / "loss.png")
+    with Image.open(tmp_path / "loss.png") as curve:
+        assert curve.size == (640, 360) and len(curve.convert("RGB").getcolors(maxcolors=1 << 16)) > 3  # drawn
+
+
+def test_the_smoothed_loss_tracks_the_data():
+    """The centered average has no lag: a straight line (a steadily falling loss) comes out unchanged, to its ends,
+    while noise around it shrinks by about the square root of the window."""
+    line = torch.linspace(2.0, 1.0, 200, dtype=torch.float64).numpy()
+    assert abs(smooth(line, 11) - line).max() < 1e-12
+    noise = torch.randn(200, generator=torch.Generator().manual_seed(0)).double().numpy()
+    assert (smooth(line + noise, 11) - line)[5:-5].std() < 0.45 * noise.std()  # 1/sqrt(11) = 0.30

@@ -7,7 +7,9 @@ diffusers folders, standalone VAEs.
   diffusers_configs.py diffusers/transformers JSON configs <-> our config dataclasses
   diffusers_folder.py  read and write diffusers folders
   load.py / save.py    load_checkpoint; save_checkpoint, save_diffusers, convert
+  describe.py          what a model file is (`sdtorch info`)
 """
+from .describe import describe_model
 from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, KeyMismatchError,
                      NotACheckpointError, ShapeMismatchError, UnsafeCheckpointError, UnsupportedModelError)
 from .formats import detect_format, read_tensor_index
@@ -18,4 +20,4 @@ from .save import convert, save_checkpoint, save_diffusers
 __all__ = ["load_checkpoint", "save_checkpoint", "save_diffusers", "convert", "LoadedCheckpoint", "detect_format",
            "detect_family", "read_tensor_index", "FAMILY_NAMES", "CheckpointError", "CheckpointNotFoundError",
            "NotACheckpointError", "CorruptCheckpointError", "UnsafeCheckpointError", "UnsupportedModelError",
-           "KeyMismatchError", "ShapeMismatchError"]
+           "KeyMismatchError", "ShapeMismatchError", "describe_model"]

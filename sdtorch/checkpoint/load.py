@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, VAEConfig
+from ..diffusion.schedule import PREDICTION_TYPES
 from ..models.stable_diffusion import PREFIXES, StableDiffusionModels
 from ..tokenizer import CLIPTokenizer
 from .diffusers_folder import WEIGHT_NAMES, part_from_diffusers, read_diffusers_folder, read_part_weights
@@ -37,7 +38,6 @@ _CLIP_WITHOUT_TEXT_MODEL = re.compile(r"^cond_stage_model\.transformer\.(?!text_
 # Some converted checkpoints store the VAE's attention projections as Linear (C, C) instead of 1x1 convs (C, C, 1, 1)
 _VAE_ATTENTION_WEIGHT = re.compile(r"first_stage_model\.(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
 _PARAMETERIZATION = re.compile(r"^\s*parameterization:\s*[\"']?(\w+)", re.MULTILINE)
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -62,7 +62,7 @@ def load_checkpoint(path: str | Path, *, vae: str | Path | None = None, device: 
                     config: ModelConfig | None = None) -> LoadedCheckpoint:
     """An SD 1.x checkpoint (.safetensors, .ckpt, or a diffusers folder), optionally with another VAE (`vae`: a file in
     either key layout, or a diffusers vae/ folder). dtype None means float32; `ema` picks a full checkpoint's EMA
-    UNet; `prediction_type` ("epsilon" | "v_prediction") overrides the sidecar .yaml and the file's own; `config`
+    UNet; `prediction_type` (one of diffusion.PREDICTION_TYPES) overrides the sidecar .yaml and the file's own; `config`
     overrides the one the file carries or its shapes imply."""
     check_dtype(dtype)
     return _load_checkpoint(path, vae=vae, device=device, dtype=dtype or torch.float32, ema=ema,

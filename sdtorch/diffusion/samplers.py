@@ -17,8 +17,8 @@ PNDM stop at ᾱ_0 (σ ≈ 0.029, "set_alpha_to_one=False"), ours step to σ = 0
 import difflib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -267,7 +267,7 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, n
         _report(callback, i, x, sigmas[i], denoised)
         ds = (ds + [to_d(x, sigmas[i], denoised)])[-order:]
         coeffs = [_lms_coefficient(sigmas_host, i, j, len(ds)) for j in range(len(ds))]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=True))
     return x
 
 
@@ -296,7 +296,7 @@ def sample_plms(model, x, sigmas, extra_args=None, callback=None, disable=None, 
             x = x + (d + d_2) / 2 * dt
             continue
         weights, denominator = _ADAMS_BASHFORTH[len(ds)]
-        x = x + sum(w * d for w, d in zip(weights, reversed(ds))) / denominator * dt
+        x = x + sum(w * d for w, d in zip(weights, reversed(ds), strict=True)) / denominator * dt
     return x
 
 
@@ -366,7 +366,7 @@ def _unipc_update(x, sigma, sigma_next, sigmas_hist, denoised_hist, variant, den
     m0 = denoised_hist[-1]
     # earlier points, newest first, at λ-offsets r_k·h from the base
     rks = [(-s.double().log().item() - lam) / h for s in reversed(sigmas_hist[:-1])]
-    d1s = [(m - m0) / rk for m, rk in zip(reversed(denoised_hist[:-1]), rks)]
+    d1s = [(m - m0) / rk for m, rk in zip(reversed(denoised_hist[:-1]), rks, strict=True)]
     if denoised_next is not None:
         rks.append(1.0)
         d1s.append(denoised_next - m0)
@@ -387,7 +387,7 @@ def _unipc_update(x, sigma, sigma_next, sigmas_hist, denoised_hist, variant, den
     else:
         r_matrix = torch.tensor([[rk**k for rk in rks] for k in range(len(rks))], dtype=torch.float64)
         rhos = torch.linalg.solve(r_matrix, torch.tensor(b, dtype=torch.float64)).tolist()
-    return x_next - b_h * sum(rho * d1 for rho, d1 in zip(rhos, d1s))
+    return x_next - b_h * sum(rho * d1 for rho, d1 in zip(rhos, d1s, strict=True))
 
 
 @torch.no_grad()
@@ -437,21 +437,25 @@ class SamplerInfo:
     # A1111/diffusers run these in VP space: they start from unit-variance VP noise and walk SD's "leading" timesteps
     vp: bool = False
     ends_at_t0: bool = False  # ...and stop at the first training timestep (σ_min), not at σ = 0
+    takes_eta: bool = False  # has an `eta` argument (DDIM's η, the ancestral noise scale)
 
 
 _SAMPLER_LIST = [
-    SamplerInfo("DDIM", sample_ddim, ("ddim",), False, vp=True, ends_at_t0=True),
+    SamplerInfo("DDIM", sample_ddim, ("ddim",), False, vp=True, ends_at_t0=True, takes_eta=True),
     SamplerInfo("DDPM", sample_ddpm, ("ddpm",), True, vp=True),
     SamplerInfo("PLMS", sample_plms, ("plms", "pndm"), False, vp=True, ends_at_t0=True),
     SamplerInfo("Euler", sample_euler, ("euler", "k_euler"), False),
-    SamplerInfo("Euler a", sample_euler_ancestral, ("euler_ancestral", "k_euler_a", "k_euler_ancestral"), True),
+    SamplerInfo("Euler a", sample_euler_ancestral, ("euler_ancestral", "k_euler_a", "k_euler_ancestral"), True,
+                takes_eta=True),
     SamplerInfo("Heun", sample_heun, ("heun", "k_heun"), False),
     SamplerInfo("LMS", sample_lms, ("lms", "k_lms"), False),
     SamplerInfo("DPM2", sample_dpm_2, ("dpm_2", "k_dpm_2"), False),
-    SamplerInfo("DPM2 a", sample_dpm_2_ancestral, ("dpm_2_ancestral", "k_dpm_2_a", "k_dpm_2_ancestral"), True),
+    SamplerInfo("DPM2 a", sample_dpm_2_ancestral, ("dpm_2_ancestral", "k_dpm_2_a", "k_dpm_2_ancestral"), True,
+                takes_eta=True),
     SamplerInfo("DPM++ 2M", sample_dpmpp_2m, ("dpmpp_2m", "k_dpmpp_2m"), False, "karras"),
-    SamplerInfo("DPM++ 2M SDE", sample_dpmpp_2m_sde, ("dpmpp_2m_sde", "k_dpmpp_2m_sde"), True, "exponential"),
-    SamplerInfo("DPM++ SDE", sample_dpmpp_sde, ("dpmpp_sde", "k_dpmpp_sde"), True, "karras"),
+    SamplerInfo("DPM++ 2M SDE", sample_dpmpp_2m_sde, ("dpmpp_2m_sde", "k_dpmpp_2m_sde"), True, "exponential",
+                takes_eta=True),
+    SamplerInfo("DPM++ SDE", sample_dpmpp_sde, ("dpmpp_sde", "k_dpmpp_sde"), True, "karras", takes_eta=True),
     SamplerInfo("UniPC", sample_unipc, ("uni_pc", "unipc", "uni_pc_bh2"), False),
     SamplerInfo("LCM", sample_lcm, ("lcm",), True, "sgm_uniform", vp=True),
 ]

@@ -6,6 +6,9 @@ Output pixel (2i+a, 2j+b) of conv3x3(nearest2x(x)) reads upsampled rows 2i+a-1 .
 convolution of x itself, whose taps are sums of the 3x3 kernel's taps that land on the same input pixel. Four 2x2
 convolutions at the input's size do 16 multiply-adds per weight and input pixel where the 3x3 one on the 4x larger
 image does 36: 2.25x less work for the same result (up to rounding), and no 4x-sized intermediate.
+
+The plain form, `conv(interpolate(x))`, stays the reference and runs everywhere but the CPU: the phases were measured
+faster on the CPU only (docs/performance.md), and tests hold the two forms equal.
 """
 import functools
 
@@ -67,6 +70,8 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
-        if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):
-            return upsample_conv(x, self.conv)
-        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
+        doubled = (2 * x.shape[2], 2 * x.shape[3])
+        size = doubled if size is None else tuple(size)
+        if x.device.type == "cpu" and size == doubled:
+            return upsample_conv(x, self.conv)  # the same map as the line below, computed in four phases
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))  # (B, C, H, W) -> (B, C, 2H, 2W)

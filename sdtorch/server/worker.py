@@ -124,7 +124,8 @@ class Worker:
             return
         self.pipe = self.previewer = self.checkpoint = None
         gc.collect()  # one model in memory at a time
-        pipe = sdtorch.load(checkpoint.path, device=self.device, dtype=self.dtype)
+        # the server owns its process, as the command line does: glibc may keep freed blocks (sdtorch.memory)
+        pipe = sdtorch.load(checkpoint.path, device=self.device, dtype=self.dtype, tune_allocator=True)
         checkpoint.hash = pipe.model_hash
         self.pipe, self.checkpoint, self.previewer = pipe, checkpoint, Previewer(pipe)
         self.resolution = pipe.config.resolution

@@ -14,6 +14,7 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+from ..diffusion.schedule import PREDICTION_TYPES
 from ..models import StableDiffusionModels
 from ..models.stable_diffusion import PREFIXES
 from ..tokenizer import CLIPTokenizer
@@ -68,7 +69,7 @@ def add_train_parser(subparsers) -> None:
             k.add_argument("--clip", help="text encoder file (from `sdtorch train clip`), frozen")
             k.add_argument("--vae", help="VAE file (from `sdtorch train vae`), frozen")
             k.add_argument("--init", help="an SD checkpoint to fine-tune: its UNet, and its CLIP/VAE unless given")
-            k.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+            k.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                            help="what the UNet predicts (default: the --init model's, else epsilon)")
             k.add_argument("--min-snr-gamma", type=float, help="min-SNR-γ loss weighting (Hang et al. 2023), e.g. 5")
             k.add_argument("--zero-terminal-snr", action="store_true", help="rescale β to zero terminal SNR")

@@ -5,31 +5,35 @@ A run directory holds:
     checkpoints/step-00001000.pt   training state (torch.save of tensors and plain containers; weights_only loads)
     log.jsonl                      one record per log interval ({"kind": "train", ...}) and per evaluation ("eval")
     samples/step-00001000.png      sample grids (UNet) or reconstructions (VAE) for fixed held-out items
-    loss.png                       the loss curve, drawn at the end
+    loss.png                       the loss curve, drawn at the end (with matplotlib, the `plots` extra)
     model.safetensors              the final model, in the native single-file layout
 Under torchrun every rank runs this loop on its slice of each global batch; only rank 0 writes.
+Its helpers: checkpoints.py (checkpoint files, RNG states), optim.py (AdamW's groups, LR schedule, EMA), plots.py.
 """
 import json
 import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
+from .checkpoints import atomic_file, checkpoint_path, list_checkpoints, resolve_resume, rng_state, set_rng_state
 from .data import ShardedBatchSampler, sample_seed
+from .optim import EMA, param_groups, warmup_cosine
+from .plots import image_grid, save_loss_plot
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 HOLDOUT_EPOCH = -1  # held-out items get the seeds of this (never trained) epoch: fixed across evaluations
@@ -76,131 +80,6 @@ class TrainConfig:
             raise ValueError("grad_clip and workers must be non-negative")
 
 
-# ---- files ---------------------------------------------------------------------------------------------------------
-
-@contextmanager
-def atomic_file(path: str | Path):
-    """Open a temp file that becomes `path` when the block ends, so a crash leaves either the old file or the whole
-    new one: write, fsync, rename over `path`, then fsync the folder so the rename itself is on disk."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def checkpoint_path(out_dir: str | Path, step: int) -> Path:
-    return Path(out_dir) / "checkpoints" / f"step-{step:08d}.pt"
-
-
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temp files of an interrupted write are never matched)."""
-    return sorted((Path(out_dir) / "checkpoints").glob("step-*.pt"))
-
-
-def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
-    """The checkpoint `resume` names: a path, or "latest" (None when the run has none yet: start fresh)."""
-    if resume == "latest":
-        found = list_checkpoints(out_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_file():
-        raise ValueError(f"no checkpoint at {path}")
-    return path
-
-
-# ---- state that must survive a restart -----------------------------------------------------------------------------
-
-def rng_state() -> dict:
-    """Every global RNG's state as tensors and plain containers, so `torch.load(weights_only=True)` reads it."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, key, *rest = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class EMA:
-    """Exponential moving average of the trainable weights (Polyak & Juditsky 1992), with the decay warmed up as
-    min(decay, (1 + n)/(10 + n)) so the random initial weights fade out quickly (as diffusers' EMAModel)."""
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, module: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        params = dict(module.named_parameters())
-        # shadow += (1 - decay)·(param - shadow) for all tensors in one fused call: one kernel launch, not hundreds
-        torch._foreach_lerp_(list(self.shadow.values()), [params[n].detach() for n in self.shadow], 1 - decay)
-
-    @contextmanager
-    def applied(self, module: nn.Module):
-        """Use the averaged weights inside the block (for evaluation, samples and export), then restore."""
-        params = dict(module.named_parameters())
-        saved = {name: params[name].detach().clone() for name in self.shadow}
-        with torch.no_grad():
-            for name, value in self.shadow.items():
-                params[name].copy_(value)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    params[name].copy_(value)
-
-    def state_dict(self) -> dict:
-        return dict(self.shadow)
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.keys() != self.shadow.keys():
-            raise ValueError("the checkpoint's EMA weights do not match the model's trainable parameters")
-        for name, value in state.items():
-            self.shadow[name].copy_(value)
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """LR multiplier: linear warmup from 0, then cosine decay to `min_ratio` (Loshchilov & Hutter 2017, no restarts)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and kernels only: decaying biases, norm gains and the CLIP temperature only hurts."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
 class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop checks it between steps, writes a checkpoint and returns. After the first
     signal the default handlers are back, so a second Ctrl-C stops at once."""
@@ -233,53 +112,6 @@ class StopRequest:
         return bool(flag.item())
 
 
-# ---- pictures ------------------------------------------------------------------------------------------------------
-
-def image_grid(rows: list[torch.Tensor]) -> Image.Image:
-    """Rows of (N, 3, H, W) images in [-1, 1] -> one PIL image, a row per tensor."""
-    n = max(r.shape[0] for r in rows)
-    h, w = rows[0].shape[2:]
-    grid = Image.new("RGB", (n * w, len(rows) * h), (255, 255, 255))
-    for i, row in enumerate(rows):
-        pixels = ((row.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for j, image in enumerate(pixels):  # (H, W, 3) uint8 each
-            grid.paste(Image.fromarray(image), (j * w, i * h))
-    return grid
-
-
-def plot_curve(steps: list[int], values: list[float], title: str, size: tuple[int, int] = (640, 360)) -> Image.Image:
-    """A line plot with PIL alone (matplotlib is not a dependency): the raw values in grey, an EMA-smoothed line in
-    blue, y from the smallest to the largest value, with the ends of both axes labelled."""
-    width, height = size
-    left, right, top, bottom = 60, 15, 25, 30
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((left, 5), title, fill="black")
-    draw.rectangle((left, top, width - right, height - bottom), outline="black")
-    if len(steps) < 2:
-        return image
-    lo, hi = min(values), max(values)
-    hi = hi if hi > lo else lo + 1.0
-    s0, s1 = steps[0], steps[-1]
-
-    def xy(step, value):
-        x = left + (step - s0) / max(1, s1 - s0) * (width - left - right)
-        return x, top + (hi - value) / (hi - lo) * (height - top - bottom)
-
-    beta = 1 - min(1.0, 20 / len(values))  # averages over ~len/20 points: smooth for long runs, raw for short ones
-    smooth, avg = [], values[0]
-    for v in values:
-        avg = beta * avg + (1 - beta) * v
-        smooth.append(avg)
-    draw.line([xy(s, v) for s, v in zip(steps, values)], fill=(180, 180, 180), width=1)
-    draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(30, 70, 220), width=2)
-    draw.text((5, top), f"{hi:.4g}", fill="black")
-    draw.text((5, height - bottom - 10), f"{lo:.4g}", fill="black")
-    draw.text((left, height - bottom + 5), str(s0), fill="black")
-    draw.text((width - right - 40, height - bottom + 5), str(s1), fill="black")
-    return image
-
-
 # ---- the loop ------------------------------------------------------------------------------------------------------
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
@@ -310,7 +142,7 @@ def _mean_over_ranks(metrics: dict[str, torch.Tensor], device: torch.device) -> 
     if dist.is_initialized():
         dist.all_reduce(values)
         values /= dist.get_world_size()
-    return dict(zip(metrics, values.tolist()))
+    return dict(zip(metrics, values.tolist(), strict=True))
 
 
 class Run:
@@ -547,10 +379,9 @@ class Run:
                 with self.ema.applied(self.objective) if self.ema else nullcontext():
                     self.objective.export(export)
         records = self.read_log() if self.is_main else []
-        train = [r for r in records if r["kind"] == "train"]
-        if train:
-            curve = plot_curve([r["step"] for r in train], [r["loss"] for r in train], "training loss")
-            curve.save(self.out / "loss.png")
+        if any(r["kind"] == "train" for r in records) and not save_loss_plot(records, self.out / "loss.png"):
+            print("no loss.png: matplotlib is not installed (pip install 'sdtorch[plots]'); the losses are in "
+                  "log.jsonl", file=sys.stderr)
         evals = [r for r in records if r["kind"] == "eval"]
         timed = sum(self.timers.values()) or 1.0
         summary = {"rank": self.rank, "step": self.step, "interrupted": interrupted,

@@ -1,6 +1,6 @@
 """Evaluate a model on the shapes task by pixel analysis, never by the model itself.
 
-Captions come from a seed the training never used; each generated image is scored by `shapes.score` (background
+Captions come from a seed the training never used; each generated image is scored by `shapes_score.score` (background
 colour from the border, shape colour, kind, 3x3 cell and size from the pixels). The VAE is scored separately by the
 PSNR of its reconstructions of the ground-truth renders of the same captions.
 """
@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ..images import pil_to_tensor
-from .shapes import accuracy, example, score
+from .shapes import example
+from .shapes_score import accuracy, score
 
 EVAL_SEED = 777_777_777  # training uses seed 0 and its held-out split seed 1_000_003
 

@@ -11,8 +11,8 @@ import functools
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from ..diffusion.schedule import DiscreteSchedule
 from ..models import AutoencoderKL, CLIPTextModel, StableDiffusionModels
 from ..models.stable_diffusion import PREFIXES
 from ..models.vae import gaussian_kl
-from .engine import atomic_file
+from .checkpoints import atomic_file
 from .image_encoder import CLIPVisionConfig, CLIPVisionTransformer
 
 CONFIG_KEY = "sdtorch.config"  # the safetensors header entry holding the ModelConfig as JSON
@@ -55,7 +55,7 @@ def load_parts(path: str | Path) -> tuple[ModelConfig, dict[str, dict[str, torch
         raise ValueError(f"no such model file: {path}")
     with safe_open(str(path), framework="pt") as f:
         header = (f.metadata() or {}).get(CONFIG_KEY)
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     config = ModelConfig.from_dict(json.loads(header)) if header else ModelConfig()
     parts = {name: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
              for name, prefix in PREFIXES.items()}
@@ -147,7 +147,7 @@ class EncodingCache:
                     self.store[keys[i]] = fresh[keys[i]]
         self.hits, self.misses = self.hits + len(keys) - len(todo), self.misses + len(todo)
         rows_out = [self.store.get(key) or fresh[key] for key in keys]
-        return tuple(torch.stack(parts) for parts in zip(*rows_out))
+        return tuple(torch.stack(parts) for parts in zip(*rows_out, strict=True))
 
 
 # ---- CLIP ------------------------------------------------------------------------------------------------------------
