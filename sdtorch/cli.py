@@ -6,6 +6,9 @@ step, writes nothing, and exits 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import signal
 import sys
 import time
@@ -23,7 +26,9 @@ class CLIError(Exception):
 # -- generate -------------------------------------------------------------------------------------------------------
 # width/height None: the model's native resolution (512 for SD 1.x, 64 for the built-in model)
 GENERATE_DEFAULTS = dict(negative="", steps=20, cfg=7.0, sampler="DPM++ 2M", schedule=None, seed=-1, width=None,
-                         height=None, batch=1, strength=None, clip_skip=1)
+                         height=None, batch=1, strength=None, clip_skip=1, rng=None, hires_scale=None,
+                         hires_steps=None, hires_upscaler=None, hires_strength=None)
+HIRES_KEYS = ("hires_scale", "hires_resize", "hires_steps", "hires_upscaler", "hires_strength")
 
 
 def add_generate(sub) -> None:
@@ -33,7 +38,19 @@ def add_generate(sub) -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7)")
     p.add_argument("--sampler", help='A1111 sampler name (default "DPM++ 2M"), e.g. "Euler a", "DPM++ 2M Karras"')
-    p.add_argument("--schedule", help="sigma schedule: normal, karras, exponential, sgm_uniform, simple")
+    p.add_argument("--schedule", help="A1111 schedule type: automatic (the sampler's default), uniform, karras, "
+                   "exponential, polyexponential, sgm_uniform, kl_optimal, align_your_steps, simple, normal, ddim, "
+                   "beta")
+    p.add_argument("--rng", type=str.lower, choices=["cpu", "nv", "gpu"],
+                   help="noise source: cpu (default; torch's CPU generator) or nv (CUDA's stream, A1111's GPU/NV)")
+    p.add_argument("--img2img-fix-steps", action="store_true",
+                   help="img2img runs exactly --steps steps whatever the strength (A1111's option)")
+    p.add_argument("--hires-scale", type=float, help="hires fix: upscale the first pass by this factor")
+    p.add_argument("--hires-steps", type=int, help="hires fix: steps of the second pass (default: --steps)")
+    p.add_argument("--hires-upscaler", help='hires fix upscaler: "Latent" (default), "Latent (antialiased)", '
+                   '"Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)", '
+                   '"Lanczos", "Nearest", "None"')
+    p.add_argument("--hires-strength", type=float, help="hires fix: denoising strength of the second pass (0.7)")
     p.add_argument("--seed", type=int, help="-1 (default) = random; the seed used is printed")
     p.add_argument("--width", type=int, help="default: the model's native resolution")
     p.add_argument("--height", type=int)
@@ -51,6 +68,25 @@ def add_generate(sub) -> None:
     p.add_argument("--from", dest="from_png", metavar="IMAGE.png",
                    help="regenerate from the parameters stored in a PNG; other options override them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--exact-batch", action="store_true",
+                   help="run a batch one image at a time, so each equals its --from regeneration bit for bit (slower)")
+    p.add_argument("--max-pixels", type=pixel_count, default=DEFAULT_MAX_PIXELS, metavar="N|WxH",
+                   help="refuse images (generated, --init-image, --mask) larger than this (default 2048x2048)")
+
+
+DEFAULT_MAX_PIXELS = 2048 * 2048
+
+
+def pixel_count(text: str) -> int:
+    """argparse type of --max-pixels: a count (4194304) or a size (2048x2048)."""
+    width, x, height = text.lower().partition("x")
+    try:
+        value = int(width) * int(height) if x else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a pixel count or WIDTHxHEIGHT, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
 
 
 def generation_settings(args) -> dict:
@@ -62,12 +98,7 @@ def generation_settings(args) -> dict:
         text = read_png_parameters(args.from_png)
         prompt, negative, params = parse_parameters(text)
         settings.update(prompt=prompt, negative=negative)
-        stored = params_to_kwargs(params)
-        stored.pop("model", None)
-        stored.pop("model_hash", None)
-        if stored.get("schedule"):
-            stored["schedule"] = stored["schedule"].lower().replace(" ", "_")
-        settings.update(stored)
+        settings.update(a1111_settings(params_to_kwargs(params)))
     for key in list(GENERATE_DEFAULTS) + ["prompt"]:
         value = getattr(args, key, None)
         if value is not None:
@@ -77,27 +108,55 @@ def generation_settings(args) -> dict:
     return settings
 
 
-def read_png_parameters(path: str) -> str:
+def a1111_settings(stored: dict) -> dict:
+    """Settings from a PNG's parameters, read as A1111 means them: no "RNG" key is A1111's default GPU noise
+    (reproduced by the NV generator); "Denoising strength" of a hires-fixed txt2img image is the second pass's;
+    DDIM, PLMS and UniPC run on A1111's own timesteps whatever "Schedule type" says."""
+    from .diffusion.noise import resolve_rng
+    from .diffusion.sample import A1111_TIMESTEP_SAMPLERS
+    from .diffusion.samplers import parse_sampler_name
+
+    stored = dict(stored)
+    stored.pop("model", None)
+    stored.pop("model_hash", None)
+    stored["rng"] = resolve_rng(stored.get("rng", "GPU"))
+    if "hires_scale" in stored or "hires_resize" in stored:
+        stored.setdefault("hires_scale", None)
+        if "strength" in stored:
+            stored["hires_strength"] = stored.pop("strength")
+    if "sampler" in stored and parse_sampler_name(stored["sampler"])[0].name in A1111_TIMESTEP_SAMPLERS:
+        stored.pop("schedule", None)
+    return stored
+
+
+def read_png_parameters(path: str, what: str = "--from") -> str:
+    from PIL import Image
+
     from .metadata import read_parameters
 
     if not Path(path).is_file():
-        raise CLIError(f"--from: no such file: {path}")
+        raise CLIError(f"{what}: {'not a regular file' if Path(path).exists() else 'no such file'}: {path}")
     try:
         text = read_parameters(path)
-    except OSError as e:
-        raise CLIError(f"--from: cannot read {path} as an image: {e}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise CLIError(f"{what}: cannot read {path} as an image: {e}") from None
     if not text:
-        raise CLIError(f"--from: {path} carries no generation parameters")
+        raise CLIError(f"{what}: {path} carries no generation parameters")
     return text
 
 
 def validate_settings(s: dict, args) -> None:
     """Check everything that can be checked before the (slow) model load."""
-    from .diffusion.samplers import parse_sampler_name
+    from .diffusion.samplers import parse_sampler_name, resolve_schedule
+    from .hires import resolve_upscaler
 
     for name in ("width", "height"):
         if s[name] is not None and (s[name] <= 0 or s[name] % 8):
             raise CLIError(f"--{name} must be a positive multiple of 8, got {s[name]}")
+    if s["width"] is not None and s["height"] is not None:
+        check_size(s["width"], s["height"], getattr(args, "max_pixels", DEFAULT_MAX_PIXELS))
+    if not math.isfinite(s["cfg"]):
+        raise CLIError(f"--cfg must be a finite number, got {s['cfg']}")
     if s["steps"] < 1:
         raise CLIError(f"--steps must be at least 1, got {s['steps']}")
     if s["batch"] < 1:
@@ -107,32 +166,50 @@ def validate_settings(s: dict, args) -> None:
     if s["clip_skip"] < 1:
         raise CLIError(f"--clip-skip must be at least 1, got {s['clip_skip']}")
     parse_sampler_name(s["sampler"])  # ValueError naming the closest sampler
+    resolve_schedule(s["schedule"])
+    if s.get("hires_upscaler") is not None:
+        resolve_upscaler(s["hires_upscaler"])  # ValueError naming the upscalers sdtorch has
+    if s.get("hires_strength") is not None and not 0.0 <= s["hires_strength"] <= 1.0:
+        raise CLIError(f"--hires-strength must be in [0, 1], got {s['hires_strength']}")
+    if s.get("hires_scale") is not None and s["hires_scale"] <= 0:
+        raise CLIError(f"--hires-scale must be positive, got {s['hires_scale']}")
+    if s.get("hires_steps") is not None and s["hires_steps"] < 0:
+        raise CLIError(f"--hires-steps must be at least 0, got {s['hires_steps']}")
     if args.mask and not args.init_image:
         raise CLIError("--mask needs --init-image")
 
 
-def open_image(path: str, what: str):
+def check_size(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise CLIError(f"{width}x{height} is {width * height:,} pixels, more than --max-pixels {max_pixels:,}")
+
+
+def open_image(path: str, what: str, max_pixels: int | None = None):
     from .images import load_image
 
     if not Path(path).is_file():
-        raise CLIError(f"{what}: no such file: {path}")
+        raise CLIError(f"{what}: {'not a regular file' if Path(path).exists() else 'no such file'}: {path}")
     try:
-        return load_image(path)
+        return load_image(path, max_pixels)
     except ValueError as e:
         raise CLIError(f"{what}: {e}") from None
 
 
 def output_paths(output: str, count: int, seed: int) -> list[Path]:
     """A .png path names the file (image k > 0 gets a -k suffix); anything else is a folder where files are numbered
-    after the highest number already there, never overwriting (A1111's NNNNN-SEED.png)."""
+    after the highest number already there (A1111's NNNNN-SEED.png). Folder names are only proposals: `save_image`
+    claims the number when it writes, so runs writing into one folder at once never take the same one."""
     out = Path(output)
     if out.suffix.lower() == ".png":
+        if out.is_dir():
+            raise CLIError(f"-o {out} is a folder; name a file that is none, or drop the .png to number files in it")
         folder = out.parent
         paths = [out] + [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(1, count)]
     else:
         folder = out
-        existing = [int(p.name[:5]) for p in out.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")] if out.is_dir() else []
-        start = max(existing, default=-1) + 1
+        if out.exists() and not out.is_dir():
+            raise CLIError(f"-o {out} is a file, not a folder (name a .png file, or a folder)")
+        start = next_number(out)
         paths = [out / f"{start + k:05d}-{seed + k}.png" for k in range(count)]
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -144,15 +221,63 @@ def output_paths(output: str, count: int, seed: int) -> list[Path]:
     return paths
 
 
+def next_number(folder: Path) -> int:
+    """One more than the highest NNNNN of the NNNNN-*.png files in `folder` (0 in an empty or new one)."""
+    existing = [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")] if folder.is_dir() else []
+    return max(existing, default=-1) + 1
+
+
+def save_image(image, path: Path, numbered: bool) -> Path:
+    """Write a generated image. A numbered name is claimed under a lock on the folder (the number is counted again
+    there, so concurrent runs take the next free one) and by an exclusive create: an existing file is never replaced.
+    A name the user gave is replaced atomically. Either way the file appears whole or not at all."""
+    from .metadata import save_png
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
+    try:
+        save_png(image, tmp, image.info["parameters"])
+        if not numbered:
+            os.replace(tmp, path)
+            return path
+        with folder_lock(path.parent):
+            number, name = next_number(path.parent), path.name[5:]
+            while True:
+                path = path.with_name(f"{number:05d}{name}")
+                try:
+                    os.link(tmp, path)  # fails if the name exists: the atomic claim
+                    return path
+                except FileExistsError:
+                    number += 1
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """An exclusive lock on a folder for the writers in it (flock on the folder itself: no lock file left behind);
+    where there is no flock (Windows), exclusive creation alone still keeps every file."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def run_generate(args) -> int:
     import random
 
-    from .metadata import save_png
-
     s = generation_settings(args)
     validate_settings(s, args)
-    init = open_image(args.init_image, "--init-image") if args.init_image else None
-    mask = open_image(args.mask, "--mask") if args.mask else None
+    init = open_image(args.init_image, "--init-image", args.max_pixels) if args.init_image else None
+    mask = open_image(args.mask, "--mask", args.max_pixels) if args.mask else None
+    if init is not None:  # img2img's size defaults to the init image's, rounded down to multiples of 8
+        check_size(s["width"] or init.width // 8 * 8, s["height"] or init.height // 8 * 8, args.max_pixels)
     model = args.model or BUILTIN_MODEL
     if not Path(model).exists():
         raise CLIError(f"model not found: {model}" + ("" if args.model else " (the built-in model is not installed; "
@@ -162,12 +287,30 @@ def run_generate(args) -> int:
     paths = output_paths(args.output, s["batch"], s["seed"])
 
     import sdtorch
+    from .pipeline import GenerationInterrupted
 
     pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype, tune_allocator=True)
+    pipe.batch_exact = args.exact_batch
+    if init is None:
+        check_size(s["width"] or pipe.config.resolution, s["height"] or pipe.config.resolution, args.max_pixels)
     prompt, negative = s.pop("prompt"), s.pop("negative")
     strength = s.pop("strength")
+    s = {k: v for k, v in s.items() if v is not None or k in ("width", "height", "schedule")}  # None: the default
+    if args.img2img_fix_steps:
+        s["img2img_fix_steps"] = True
+    if init is not None:  # hires fix is a txt2img pass
+        for key in HIRES_KEYS:
+            s.pop(key, None)
+    elif any(key in s for key in HIRES_KEYS) and "hires_scale" not in s and "hires_resize" not in s:
+        s["hires_scale"] = 2.0  # A1111's default upscale when only the other hires options are given
     progress = None if args.quiet else make_progress_bar()
-    signal.signal(signal.SIGINT, lambda *_: pipe.interrupt())  # stop after the current step
+    interrupted = []
+
+    def on_sigint(*_):  # stop after the current step; if it comes later (the VAE decode), still write nothing
+        interrupted.append(True)
+        pipe.interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     start = time.perf_counter()
     try:
         if mask is not None:
@@ -178,13 +321,16 @@ def run_generate(args) -> int:
                                   callback=progress, **s)
         else:
             images = pipe.txt2img(prompt, negative, callback=progress, **s)
+        if interrupted:
+            raise GenerationInterrupted("interrupted after the last step")
     finally:
+        signal.signal(signal.SIGINT, previous)
         if progress is not None:
             progress.close()
     elapsed = time.perf_counter() - start
+    numbered = Path(args.output).suffix.lower() != ".png"
     for image, path in zip(images, paths):
-        save_png(image, path, image.info["parameters"])
-        print(f"wrote {path}")
+        print(f"wrote {save_image(image, path, numbered)}")
     print(f"seed: {s['seed']}  ({len(images)} image{'s' * (len(images) > 1)} in {elapsed:.1f} s)")
     return 0
 
@@ -214,7 +360,7 @@ def run_info(args) -> int:
     if not path.exists():
         raise CLIError(f"no such file or folder: {path}")
     if path.suffix.lower() == ".png":
-        print(read_png_parameters(str(path)))
+        print(read_png_parameters(str(path), "info"))
         return 0
     from .checkpoint import describe_model
 
@@ -226,11 +372,18 @@ def run_info(args) -> int:
 def run_samplers(args) -> int:
     from .diffusion.samplers import SAMPLERS, SCHEDULES
 
-    print("samplers:")
+    from .diffusion.samplers import SCHEDULE_LABELS
+    from .hires import UPSCALERS
+
+    print("samplers (A1111 name, its \"Automatic\" schedule, aliases):")
     for name, info in SAMPLERS.items():
         aliases = ", ".join(info.aliases)
-        print(f"  {name:<14} {'(stochastic) ' if info.stochastic else ''}aliases: {aliases}")
-    print("schedules: " + ", ".join(SCHEDULES))
+        automatic = info.default_schedule or ("A1111 timesteps" if name in ("DDIM", "PLMS", "UniPC") else "uniform")
+        notes = [automatic] + ["stochastic"] * info.stochastic + ["Brownian-tree noise"] * info.brownian_noise
+        notes += ["drops the next-to-last sigma"] * info.discard_penultimate
+        print(f"  {name:<14} {'; '.join(notes)}. aliases: {aliases}")
+    print("schedules: " + ", ".join(f"{n} ({SCHEDULE_LABELS[n]})" for n in ["automatic", *SCHEDULES]))
+    print("hires upscalers: " + ", ".join(UPSCALERS))
     print('combine them as A1111 does: --sampler "DPM++ 2M Karras", or --sampler "DPM++ 2M" --schedule karras')
     return 0
 
@@ -240,6 +393,11 @@ def run_convert(args) -> int:
 
     if not Path(args.input).exists():
         raise CLIError(f"no such file or folder: {args.input}")
+    out = Path(args.output)
+    if args.diffusers and out.exists() and not out.is_dir():
+        raise CLIError(f"{out} is a file: --diffusers writes a folder")
+    if not args.diffusers and out.is_dir():
+        raise CLIError(f"{out} is a folder: name the output file (or pass --diffusers to write a folder)")
     from .pipeline import resolve_dtype
 
     convert(args.input, args.output, dtype=resolve_dtype(args.dtype), vae=args.vae, to_diffusers=args.diffusers)
@@ -252,6 +410,9 @@ def run_dataset(args) -> int:
 
     if args.count < 1:
         raise CLIError(f"--count must be at least 1, got {args.count}")
+    if args.size < 8:
+        raise CLIError(f"--size must be at least 8, got {args.size}")
+    check_folder_target(args.out, "the dataset")
     write_folder(args.out, args.count, seed=args.seed, size=args.size)
     print(f"wrote {args.count} images with captions to {args.out}")
     return 0
@@ -263,6 +424,10 @@ def run_eval(args) -> int:
 
     from .train.eval_shapes import EVAL_SEED, evaluate, format_table
 
+    if args.count < 1 or args.steps < 1:
+        raise CLIError(f"--count and --steps must be at least 1, got {args.count} and {args.steps}")
+    if not math.isfinite(args.cfg):
+        raise CLIError(f"--cfg must be a finite number, got {args.cfg}")
     model = args.model or BUILTIN_MODEL
     if not Path(model).exists():
         raise CLIError(f"model not found: {model}")
@@ -276,8 +441,36 @@ def run_eval(args) -> int:
     return 0
 
 
+def check_folder_target(path: str, what: str) -> None:
+    if Path(path).exists() and not Path(path).is_dir():
+        raise CLIError(f"{path} is a file: {what} goes in a folder")
+
+
+def check_device(name: str) -> None:
+    """--device names a device this machine has (else torch fails deep inside, with a traceback)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device: unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise CLIError(f"--device {name}: no such device on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (its usage text stays behind --help); subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdtorch", description="Stable Diffusion from scratch in PyTorch")
+    parser = OneLineParser(prog="sdtorch", description="Stable Diffusion from scratch in PyTorch")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate(sub)
@@ -323,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "device", "auto") not in (None, "auto"):
+            check_device(args.device)
         if args.command == "train":
             from .train.cli import run_train
             return run_train(args) or 0
@@ -341,9 +536,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         if args.debug:
             raise
-        user_error = isinstance(e, (CLIError, ValueError, FileNotFoundError, PermissionError))
-        print(f"sdtorch: error: {e}" if user_error else f"sdtorch: internal error: {e.__class__.__name__}: {e} "
-              "(run with --debug for the traceback)", file=sys.stderr)
+        # OSError: the user's paths and disks (a file where a folder belongs, a full disk), not a bug of ours
+        user_error = isinstance(e, (CLIError, ValueError, OSError))
+        message = " ".join(str(e).split())  # one line, whatever the exception's text holds
+        print(f"sdtorch: error: {message}" if user_error else f"sdtorch: internal error: {e.__class__.__name__}: "
+              f"{message} (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_USAGE if user_error else 1
 
 

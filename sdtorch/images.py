@@ -1,26 +1,51 @@
 """Pictures in and out: PIL <-> tensors, A1111's resize modes, and inpainting masks."""
+import warnings
+from pathlib import Path
+
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 # A1111's img2img resize modes
 RESIZE_MODES = {"just resize": 0, "crop and resize": 1, "resize and fill": 2}
 
 
-def load_image(image) -> Image.Image:
-    """A PIL image, or one read from a path / file object; ValueError saying why when it is no image."""
+def load_image(image, max_pixels: int | None = None) -> Image.Image:
+    """A PIL image, or one read from a path / file object, upright (EXIF orientation applied, as A1111 does) and in
+    8 bits per channel; ValueError saying why when it is no image, or more than `max_pixels` (None: Pillow's
+    decompression-bomb limit), checked from the header before any pixel is decoded."""
     if isinstance(image, Image.Image):
-        return image
+        return to_8bit(ImageOps.exif_transpose(image))
+    if isinstance(image, (str, Path)) and Path(image).exists() and not Path(image).is_file():
+        raise ValueError(f"cannot read {image} as an image (not a regular file)")  # a FIFO would block forever
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(image) as im:
-            im.load()
-            return im
-    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(image) as im:
+                if limit is not None and im.width * im.height > limit:
+                    raise Image.DecompressionBombError(f"{im.width}x{im.height}")
+                im.load()
+                return to_8bit(ImageOps.exif_transpose(im))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"{image} has more pixels than the limit of {limit:,}" +
+                         (" (--max-pixels)" if max_pixels is not None else " (a decompression bomb?)")) from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"cannot read {image} as an image ({e.__class__.__name__})") from None
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit greyscale ("I;16", "I", PNG's 16-bit grey) scaled to 8-bit "L": Pillow's own conversion
+    clips them at 255, so 50% grey (32768) would become white. Other modes are left as they are."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), mode="L")
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGBA (composited on white, as A1111 does for transparent inputs), greyscale and palette images -> RGB."""
+    image = to_8bit(image)
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
@@ -84,6 +109,7 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 def prepare_mask(mask: Image.Image, width: int, height: int, blur: int = 4, resize_mode: int | str = 0) -> torch.Tensor:
     """Mask image (white = repaint) -> (1, 1, H, W) in [0, 1], resized like the init image and Gaussian-blurred
     by `blur` pixels (A1111's "Mask blur") so the repainted region blends in."""
+    mask = to_8bit(mask)
     if mask.mode in ("RGBA", "LA"):  # a transparent-background mask: use its alpha
         mask = mask.getchannel("A")
     mask = resize_image(mask.convert("L").convert("RGB"), width, height, resize_mode).convert("L")

@@ -32,6 +32,10 @@ _KWARG_NAMES = {
     "Denoising strength": ("strength", float),
     "Model hash": ("model_hash", str),
     "Model": ("model", str),
+    "RNG": ("rng", str),
+    "Hires upscale": ("hires_scale", float),
+    "Hires steps": ("hires_steps", int),
+    "Hires upscaler": ("hires_upscaler", str),
 }
 
 
@@ -120,7 +124,8 @@ def params_to_kwargs(params: dict[str, str]) -> dict:
 
     Steps -> steps, Sampler -> sampler, Schedule type -> schedule, CFG scale -> cfg, Seed -> seed,
     Size "WxH" -> width, height, Clip skip -> clip_skip, Denoising strength -> strength, Model hash -> model_hash,
-    Model -> model. Only keys present in params appear in the result.
+    Model -> model, RNG -> rng, Hires upscale -> hires_scale, Hires resize "WxH" -> hires_resize,
+    Hires steps -> hires_steps, Hires upscaler -> hires_upscaler. Only keys present in params appear in the result.
     """
     kwargs = {}
     for key, value in params.items():
@@ -128,6 +133,9 @@ def params_to_kwargs(params: dict[str, str]) -> dict:
             if key == "Size":
                 width, height = _SIZE.fullmatch(value.strip()).groups()
                 kwargs["width"], kwargs["height"] = int(width), int(height)
+            elif key == "Hires resize":
+                width, height = _SIZE.fullmatch(value.strip()).groups()
+                kwargs["hires_resize"] = (int(width), int(height))
             elif key in _KWARG_NAMES:
                 name, convert = _KWARG_NAMES[key]
                 kwargs[name] = convert(value.strip())

@@ -6,6 +6,7 @@ The flow of one image (see docs in README):
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import threading
 from dataclasses import dataclass, field
@@ -13,11 +14,14 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from . import hires
 from . import images as imgs
 from . import memory
 from .config import ModelConfig
 from .diffusion.guidance import CFGDenoiser
-from .diffusion.samplers import get_sigmas, parse_sampler_name
+from .diffusion.noise import SeededNoise, resolve_rng, seed_noise  # noqa: F401 (seed_noise: public from here)
+from .diffusion.sample import CONVENTIONS, sample
+from .diffusion.samplers import SCHEDULE_LABELS, parse_sampler_name, resolve_schedule
 from .diffusion.schedule import DiscreteSchedule
 from .metadata import format_parameters, png_with_parameters
 from .models import StableDiffusionModels
@@ -27,9 +31,7 @@ from .tiling import decode_tiled, encode_tiled
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-TILE_ABOVE_PIXELS = 1024 * 1024
-SCHEDULE_LABELS = {"normal": "Normal", "karras": "Karras", "exponential": "Exponential",
-                   "sgm_uniform": "SGM Uniform", "simple": "Simple"}  # as A1111's "Schedule type" writes them  # auto-tile the VAE above this many output pixels (e.g. larger than 1024x1024)
+TILE_ABOVE_PIXELS = 1024 * 1024  # auto-tile the VAE above this many output pixels (e.g. larger than 1024x1024)
 
 
 class GenerationInterrupted(Exception):
@@ -59,27 +61,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-class SeededNoise:
-    """Image k of a batch draws all its noise (x_T and the stochastic samplers' noise) from its own CPU generator
-    seeded s + k, as A1111 does: the same image on every device, the same noise diffusers draws with a CPU generator,
-    and image k of a batch equal to a single image with seed s + k."""
-
-    def __init__(self, seed: int, batch: int):
-        self.generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch)]
-
-    def draw(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.cat([torch.randn((1, *shape), generator=g) for g in self.generators])  # (B, *shape)
-
-    def sampler(self, like: torch.Tensor):
-        """A k-diffusion noise_sampler(σ, σ_next) continuing each image's generator."""
-        return lambda sigma, sigma_next: self.draw(like.shape[1:]).to(like.device, like.dtype)
-
-
-def seed_noise(seed: int, batch: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The initial noise of seeds seed .. seed+batch-1: (batch, *shape)."""
-    return SeededNoise(seed, batch).draw(shape)
-
-
 @dataclass
 class Settings:
     """Everything that determines an image, with the CLI's option names (and A1111's meaning)."""
@@ -97,13 +78,28 @@ class Settings:
     strength: float | None = None  # img2img/inpaint only
     guidance_rescale: float = 0.0
     eta: float | None = None  # DDIM η / ancestral noise scale, None = the sampler's default
+    rng: str = "cpu"  # A1111's "RNG": "cpu" (torch's CPU generator) or "nv" (CUDA's Philox stream, on any device)
+    convention: str = "a1111"  # or "diffusers": where the two differ (img2img steps, DDIM/PLMS/UniPC; sample.py)
+    img2img_fix_steps: bool = False  # A1111's option: img2img runs exactly `steps` steps whatever the strength
+    # A1111's hires fix: upscale by hires_scale (or to hires_resize (w, h)), then img2img at hires_strength
+    hires_scale: float | None = None
+    hires_resize: tuple[int, int] | None = None
+    hires_steps: int = 0  # 0: as many as the first pass
+    hires_upscaler: str = "Latent"
+    hires_strength: float = 0.7
     extra: dict = field(default_factory=dict)
+
+    @property
+    def hires(self) -> bool:
+        return self.hires_scale is not None or bool(self.hires_resize)
 
     def validate(self) -> None:
         for name in ("width", "height"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
+        if not isinstance(self.cfg, (int, float)) or not math.isfinite(self.cfg):
+            raise ValueError(f"cfg must be a finite number, got {self.cfg}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not isinstance(self.batch, int) or self.batch < 1:
@@ -114,6 +110,18 @@ class Settings:
             raise ValueError(f"clip_skip must be >= 1, got {self.clip_skip}")
         if not -1 <= self.seed < 2 ** 63:
             raise ValueError(f"seed must be -1 (random) or a non-negative integer, got {self.seed}")
+        self.rng = resolve_rng(self.rng)
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"unknown convention {self.convention!r}; choose from {', '.join(CONVENTIONS)}")
+        resolve_schedule(self.schedule)  # ValueError naming the closest schedule
+        if self.hires:
+            self.hires_upscaler = hires.resolve_upscaler(self.hires_upscaler)
+            if self.hires_scale is not None and not self.hires_resize and self.hires_scale <= 0:
+                raise ValueError(f"hires_scale must be positive, got {self.hires_scale}")
+            if not 0.0 <= self.hires_strength <= 1.0:
+                raise ValueError(f"hires_strength must be in [0, 1], got {self.hires_strength}")
+            if not isinstance(self.hires_steps, int) or self.hires_steps < 0:
+                raise ValueError(f"hires_steps must be >= 0, got {self.hires_steps}")
 
 
 class Pipeline:
@@ -136,7 +144,12 @@ class Pipeline:
         # on the CPU, set glibc's malloc to keep freed activation blocks (memory.keep_freed_blocks): process-wide, so
         # only when asked (the CLI asks); measured 10.6 -> 9.9 s a 512x512 UNet step
         self.tune_allocator = tune_allocator
-        self._interrupt = threading.Event()
+        # True: image k of a batch equals bit for bit the single image with seed s + k (what `--from` regenerates):
+        # the UNet and the VAE then run one image at a time, since their kernels round differently at another batch
+        # size (up to 1/255 on a few pixels otherwise). Off by default: batching is what makes a batch fast.
+        self.batch_exact = False
+        self._running: set[threading.Event] = set()  # one stop flag per generation running now
+        self._running_lock = threading.Lock()
         self.to(self.device, self.dtype)
 
     # -- set-up -------------------------------------------------------------------------------------------------
@@ -177,14 +190,32 @@ class Pipeline:
         return self._model_hash
 
     def interrupt(self) -> None:
-        """Ask a running generation to stop after its current step (thread-safe); it raises GenerationInterrupted."""
-        self._interrupt.set()
+        """Stop the generations running now after their current step (thread-safe, e.g. from a server's request
+        thread): each raises GenerationInterrupted, also when the call comes during the final VAE decode. Every
+        generation has its own flag, so one starting later is not affected and cannot clear it; with no generation
+        running this does nothing."""
+        with self._running_lock:
+            for stop in self._running:
+                stop.set()
+
+    @contextlib.contextmanager
+    def _generation(self):
+        """This generation's stop flag, set by `interrupt` while it runs."""
+        stop = threading.Event()
+        with self._running_lock:
+            self._running.add(stop)
+        try:
+            yield stop
+        finally:
+            with self._running_lock:
+                self._running.discard(stop)
 
     # -- the three jobs -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def txt2img(self, prompt: str, negative: str = "", **kwargs) -> list[Image.Image]:
         """Images from a prompt. Keyword names as the CLI: steps, cfg, sampler, schedule, seed, width, height,
-        batch, clip_skip, guidance_rescale, eta, callback, tiled_vae."""
+        batch, clip_skip, guidance_rescale, eta, rng, callback, tiled_vae; hires fix: hires_scale (or hires_resize
+        (w, h)), hires_steps, hires_upscaler, hires_strength; convention ("a1111" or "diffusers")."""
         return self.generate(Settings(prompt, negative, **_settings_kwargs(kwargs)), **kwargs)
 
     @torch.no_grad()
@@ -217,41 +248,35 @@ class Pipeline:
                                                           self.infotext_params(s, init_image is not None, k)))
                 for k, im in enumerate(imgs.tensor_to_pil(pixels))]
 
-    def run(self, s: Settings, *, init_image=None, mask=None, mask_blur: int = 4, resize_mode=0, callback=None,
-            tiled_vae: bool | None = None, **_ignored) -> torch.Tensor:
+    def run(self, s: Settings, **kwargs) -> torch.Tensor:
         """The whole generation; returns (B, 3, H, W) pixels in [-1, 1]."""
+        with self._generation() as stop:
+            pixels = self._run(s, stop, **kwargs)
+            if stop.is_set():  # interrupted after the last step: the images are not what was asked to finish
+                raise GenerationInterrupted("interrupted after the last step")
+            return pixels
+
+    def _run(self, s: Settings, stop: threading.Event, *, init_image=None, mask=None, mask_blur: int = 4,
+             resize_mode=0, callback=None, tiled_vae: bool | None = None, **_ignored) -> torch.Tensor:
         s.width = self.config.resolution if s.width is None else s.width
         s.height = self.config.resolution if s.height is None else s.height
         s.validate()
         sampler, schedule_name = self.sampler_and_schedule(s)
         if s.seed == -1:
             s.seed = random.randrange(2 ** 32)  # reported back in the images' metadata
-        self._interrupt.clear()
         h, w = s.height // 8, s.width // 8
-        if tiled_vae is None:
+        auto_tile = tiled_vae is None
+        if auto_tile:
             tiled_vae = s.width * s.height > TILE_ABOVE_PIXELS
 
         cond, uncond = self.encode_prompts(s.prompt, s.negative, s.clip_skip)
         cond, uncond = cond.expand(s.batch, -1, -1), uncond.expand(s.batch, -1, -1)
         self._done_with(self.text_encoder)
 
-        # A1111's DDIM/PLMS (CompVis) walk the "leading" timesteps of SD's scheduler config; k-diffusion samplers
-        # with the "normal" schedule walk t = linspace(999, 0) (diffusers' "linspace").
-        vp = sampler.vp
-        sigmas = get_sigmas(self.schedule, s.steps, schedule_name, spacing="leading" if vp else "linspace")
-        if sampler.ends_at_t0:
-            sigmas[-1] = self.schedule.sigma_min  # they stop at the first training timestep, not at σ = 0
-        sigmas = sigmas.to(self.device)
-        rng = SeededNoise(s.seed, s.batch)
-        noise = rng.draw((self.config.unet.out_channels, h, w)).to(self.device, torch.float32)
-
         x0_latent = c_concat = latent_mask = None
         if init_image is not None:
             image = imgs.pil_to_tensor(imgs.resize_image(imgs.to_rgb(init_image), s.width, s.height, resize_mode))
             x0_latent = self.encode_image(image, tiled_vae).expand(s.batch, -1, -1, -1)
-            # strength = the fraction of the schedule that is run, starting from the original noised to that σ
-            # (diffusers' img2img convention: the first steps - int(steps·strength) steps are skipped)
-            sigmas = sigmas[s.steps - int(s.steps * s.strength):]
         if mask is not None:
             pixel_mask = imgs.prepare_mask(mask, s.width, s.height, mask_blur, resize_mode)  # (1, 1, H, W)
             latent_mask = torch.nn.functional.interpolate(pixel_mask, size=(h, w)).to(self.device)
@@ -260,56 +285,67 @@ class Pipeline:
                 c_concat = torch.cat([latent_mask.expand(s.batch, -1, -1, -1), masked_latent], dim=1)
                 latent_mask = None  # the model itself keeps the unmasked part; no blending
 
-        if len(sigmas) < 2:  # strength 0: nothing to denoise
-            pixels = self.decode_latents(x0_latent, tiled_vae)
-            self._done_with(self.vae)
-            return pixels
-        # x_T: pure noise at σ_max, or the init latent noised to the first σ (img2img). The VP samplers start from
-        # unit-variance noise in VP space, which is σ·sqrt(1 + 1/σ²) in σ-space (diffusers' init_noise_sigma = 1).
-        start = sigmas[0] * (1 + sigmas[0] ** -2) ** 0.5 if vp and x0_latent is None else sigmas[0]
-        x = noise * start if x0_latent is None else x0_latent + noise * sigmas[0]
-        denoiser = CFGDenoiser(self.unet, self.schedule, self.config.prediction_type)
-        model = denoiser if latent_mask is None else _BlendDenoiser(denoiser, x0_latent, noise, latent_mask)
         extra_args = {"cond": cond.to(self.device), "uncond": uncond.to(self.device) if s.cfg != 1 else None,
                       "cfg_scale": s.cfg, "guidance_rescale": s.guidance_rescale}
         if c_concat is not None:
             extra_args["c_concat"] = c_concat.to(self.device)
-        total = len(sigmas) - 1
+        unet = _OneImageAtATime(self.unet, s.batch) if self.batch_exact else self.unet
+        denoiser = CFGDenoiser(unet, self.schedule, self.config.prediction_type)
 
         def on_step(info):
             if not torch.isfinite(info["denoised"]).all():
                 raise NaNError(f"the UNet produced NaN/inf at step {info['i'] + 1} in {self.dtype}; "
                                "try dtype='fp32' or 'bf16'")
             if callback is not None:
-                callback(info["i"] + 1, total, info["x"], info["sigma"])
-            if self._interrupt.is_set():
-                raise GenerationInterrupted(f"interrupted after step {info['i'] + 1} of {total}")
+                callback(info["i"] + 1, info["total"], info["x"], info["sigma"])
+            if stop.is_set():
+                raise GenerationInterrupted(f"interrupted after step {info['i'] + 1} of {info['total']}")
 
-        sampler_kwargs = {}
-        if s.eta is not None:
-            if not sampler.takes_eta:
-                raise ValueError(f"sampler {sampler.name} takes no eta")
-            sampler_kwargs["eta"] = s.eta
+        common = dict(schedule_name=schedule_name, convention=s.convention, eta=s.eta, extra_args=extra_args,
+                      callback=on_step, device=self.device)
+        channels = self.config.unet.out_channels
         # on the CPU in fp32 the UNet's memory-mapped weights are laid out for oneDNN once for the loop, not at every
         # step; the packs replace the mapped pages, so only where these may be released
         with packed_weights(self.unet) if self.release_idle_weights else contextlib.nullcontext():
-            latents = sampler.fn(model, x, sigmas, extra_args=extra_args, callback=on_step, disable=True,
-                                 noise_sampler=rng.sampler(x), **sampler_kwargs)
-        if sampler.ends_at_t0:  # their result is the VP sample at t=0: sqrt(ᾱ_0)·x
-            latents = latents / (1 + sigmas[-1] ** 2) ** 0.5
+            latents = sample(denoiser, sampler, s.steps, self.schedule, SeededNoise(s.seed, s.batch, s.rng),
+                             (channels, h, w), init_latent=x0_latent, strength=s.strength, latent_mask=latent_mask,
+                             img2img_fix_steps=s.img2img_fix_steps, **common)
+            if s.hires and init_image is None:
+                latents = self._hires_pass(s, latents, denoiser, sampler, common, tiled_vae)
         self._done_with(self.unet)
         if latent_mask is not None:
             latents = latent_mask * latents + (1 - latent_mask) * x0_latent
-        pixels = self.decode_latents(latents, tiled_vae)
+        if auto_tile:  # the hires pass may have made the image larger
+            tiled_vae = latents.shape[-2] * latents.shape[-1] * 64 > TILE_ABOVE_PIXELS
+        if self.batch_exact:  # (B, 4, h, w) -> B × (1, 4, h, w) -> (B, 3, H, W)
+            pixels = torch.cat([self.decode_latents(one, tiled_vae) for one in latents.split(1)])
+        else:
+            pixels = self.decode_latents(latents, tiled_vae)
         self._done_with(self.vae)
         if mask is not None:  # paste the original back outside the (blurred) mask, as A1111's inpainting overlay
             pixel_mask = pixel_mask.to(pixels.device)
             pixels = pixel_mask * pixels + (1 - pixel_mask) * image.to(pixels.device)
         return pixels
 
+    def _hires_pass(self, s: Settings, latents, denoiser, sampler, common, tiled_vae) -> torch.Tensor:
+        """A1111's second hires-fix pass: upscale the first pass (latents, or the decoded image), then img2img at
+        hires_strength with fresh noise from the same seeds, counting steps as "img2img_fix_steps" does."""
+        to_w, to_h, cut_x, cut_y = hires.target_size(s.width, s.height, s.hires_scale, s.hires_resize)
+        if s.hires_upscaler in hires.LATENT_UPSCALERS:
+            latents = hires.upscale_latents(latents, to_w, to_h, s.hires_upscaler)
+        else:
+            pixels = hires.upscale_pixels(self.decode_latents(latents, tiled_vae), to_w, to_h, s.hires_upscaler)
+            latents = self.encode_image(pixels, tiled_vae or to_w * to_h > TILE_ABOVE_PIXELS)
+        latents = latents[:, :, cut_y // 2:latents.shape[2] - (cut_y + 1) // 2,
+                          cut_x // 2:latents.shape[3] - (cut_x + 1) // 2]
+        return sample(denoiser, sampler, s.hires_steps or s.steps, self.schedule, SeededNoise(s.seed, s.batch, s.rng),
+                      tuple(latents.shape[1:]), init_latent=latents, strength=s.hires_strength,
+                      img2img_fix_steps=True, **common)
+
     def sampler_and_schedule(self, s: Settings):
+        """(sampler, schedule name); the schedule is None for A1111's "Automatic" (the sampler's default)."""
         sampler, named_schedule = parse_sampler_name(s.sampler)
-        return sampler, s.schedule or named_schedule or sampler.default_schedule
+        return sampler, resolve_schedule(s.schedule) or named_schedule
 
     def encode_prompts(self, prompt: str, negative: str, clip_skip: int):
         return encode_prompt_pair(self.text_encoder, self.tokenizer, prompt, negative, clip_skip=clip_skip)
@@ -350,32 +386,47 @@ class Pipeline:
 
     def infotext_params(self, s: Settings, with_image: bool, index: int = 0) -> dict:
         sampler, schedule_name = self.sampler_and_schedule(s)
+        # A1111 writes the schedule its sampler resolved "Automatic" to, and "Automatic" where there is none
+        label = SCHEDULE_LABELS[schedule_name or sampler.default_schedule or "automatic"]
+        hires_pass = s.hires and not with_image
         return {
-            "Steps": s.steps, "Sampler": sampler.name, "Schedule type": SCHEDULE_LABELS.get(schedule_name),
+            "Steps": s.steps, "Sampler": sampler.name, "Schedule type": label,
             "CFG scale": s.cfg, "Seed": s.seed + index, "Size": f"{s.width}x{s.height}",
             "Model hash": self.model_hash, "Model": self.name or None,
             "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
-            "Denoising strength": s.strength if with_image else None,
+            "Denoising strength": s.strength if with_image else s.hires_strength if hires_pass else None,
             "CFG rescale": s.guidance_rescale or None, "Eta": s.eta,
+            "RNG": {"cpu": "CPU", "nv": "NV"}[resolve_rng(s.rng)],  # A1111 assumes "GPU" when absent
+            "Hires upscale": s.hires_scale if hires_pass and not s.hires_resize else None,
+            "Hires resize": f"{s.hires_resize[0]}x{s.hires_resize[1]}" if hires_pass and s.hires_resize else None,
+            "Hires steps": (s.hires_steps or None) if hires_pass else None,
+            "Hires upscaler": s.hires_upscaler if hires_pass else None,
         }
 
 
-class _BlendDenoiser:
-    """Inpainting with an ordinary model: outside the mask, the sample is the original noised to the current σ, and
-    the denoised estimate is the original itself (what diffusers/ComfyUI do for 4-channel models)."""
+class _OneImageAtATime:
+    """The UNet called once per image of the batch, with that image's guidance rows (image k's rows are k, k + B,
+    ...: CFGDenoiser stacks the unconditional and conditional halves), so each call has the single image's batch
+    and, row for row, its inputs: oneDNN's kernels pick their blocking by batch size, and round differently."""
 
-    def __init__(self, inner, x0, noise, mask):
-        self.inner, self.x0, self.noise, self.mask = inner, x0, noise, mask
+    def __init__(self, unet, batch: int):
+        self.unet, self.batch = unet, batch
 
-    def __call__(self, x, sigma, **kwargs):
-        s = sigma.reshape(-1, 1, 1, 1) if torch.is_tensor(sigma) and sigma.dim() else sigma
-        x = self.mask * x + (1 - self.mask) * (self.x0 + self.noise * s)
-        denoised = self.inner(x, sigma, **kwargs)
-        return self.mask * denoised + (1 - self.mask) * self.x0
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.batch == 1:
+            return self.unet(x, t, context)
+        out = None
+        for k in range(self.batch):
+            rows = torch.arange(k, x.shape[0], self.batch, device=x.device)  # image k's rows: (n·B, ...) -> (n, ...)
+            part = self.unet(x[rows], t[rows], context[rows])
+            out = part.new_empty((x.shape[0], *part.shape[1:])) if out is None else out
+            out[rows] = part
+        return out
 
 
 _SETTINGS_FIELDS = {"steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch", "clip_skip",
-                    "guidance_rescale", "eta"}
+                    "guidance_rescale", "eta", "rng", "convention", "img2img_fix_steps", "hires_scale", "hires_resize",
+                    "hires_steps", "hires_upscaler", "hires_strength"}
 
 
 def _settings_kwargs(kwargs: dict) -> dict:

@@ -19,7 +19,8 @@ SQUARE_BRACKET_MULTIPLIER = 1 / 1.1
 _ATTENTION_TOKEN = re.compile(r"""
     \\(?P<escaped>[()\[\]\\])?                      # \( \) \[ \] \\ are literals; a lone backslash is dropped
   | (?P<open>[(\[])
-  | :(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+))\)       # ':1.3)' closes a round bracket with an explicit weight
+  | :\s*(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+))\s*\)  # ':1.3)' closes a round bracket with a weight; A1111 allows
+                                                    # spaces around the number: ': 1.3 )'
   | (?P<close>[)\]])
   | [^\\()\[\]:]+                                   # plain text
   | :                                               # a colon that is not part of a weight

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_models
+from sdtorch.metadata import save_png
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 FAST = ["--steps", "2", "--width", "32", "--height", "32", "--quiet"]
@@ -75,7 +76,7 @@ def test_every_generation_option(model, vae_file, tmp_path):
     assert params_of(first[1]) == ("a (blue:1.2) square\nNegative prompt: green\nSteps: 3, Sampler: DPM++ 2M, "
                                    "Schedule type: Karras, CFG scale: 4.5, Seed: 12, Size: 48x32, Model hash: "
                                    + params_of(first[1]).split("Model hash: ")[1].split(",")[0]
-                                   + ", Model: tiny, Clip skip: 2")
+                                   + ", Model: tiny, Clip skip: 2, RNG: CPU")
     r = sdtorch(*args)  # a second run never overwrites: numbering continues
     assert r.returncode == 0, r.stderr
     assert [p.name for p in sorted(folder.glob("*.png"))] == ["00000-11.png", "00001-12.png", "00002-11.png",
@@ -191,3 +192,22 @@ def test_ctrl_c_stops_after_the_current_step_and_writes_nothing(model, tmp_path)
     err = b"".join(seen).decode()
     assert "interrupted after step" in err and "nothing written" in err
     assert not out.exists()
+
+
+def test_hires_fix_options_and_from_an_a1111_text(model, tmp_path):
+    out = tmp_path / "h.png"
+    r = sdtorch("generate", "a square", "--model", model, "--steps", 2, "--seed", 5, "--width", 32, "--height", 32,
+                "--hires-scale", 2, "--hires-steps", 1, "--hires-upscaler", "Latent (nearest)", "--hires-strength",
+                0.5, "-o", out, "--quiet", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (64, 64)
+    assert params_of(out).endswith("Denoising strength: 0.5, RNG: CPU, Hires upscale: 2, Hires steps: 1, "
+                                   "Hires upscaler: Latent (nearest)")
+    # an A1111 text: "Schedule type: Automatic", no RNG key (GPU noise, read as NV)
+    a1111 = tmp_path / "a1111.png"
+    save_png(Image.new("RGB", (8, 8)), a1111, "a circle\nSteps: 2, Sampler: Euler a, Schedule type: Automatic, "
+             "CFG scale: 7, Seed: 9, Size: 32x32")
+    out2 = tmp_path / "again.png"
+    r = sdtorch("generate", "--from", a1111, "--model", model, "-o", out2, "--quiet", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Sampler: Euler a, Schedule type: Automatic" in params_of(out2) and "RNG: NV" in params_of(out2)

@@ -60,7 +60,8 @@ def test_txt2img_equals_diffusers(pipe, diffusers_parts, sampler):
     ref = StableDiffusionPipeline(**diffusers_parts, scheduler=diffusers_scheduler(sampler), safety_checker=None,
                                   feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
-    s = Settings(PROMPT, NEGATIVE, steps=8, cfg=7.5, sampler=sampler, seed=42, width=64, height=48, batch=2)
+    s = Settings(PROMPT, NEGATIVE, steps=8, cfg=7.5, sampler=sampler, seed=42, width=64, height=48, batch=2,
+                 convention="diffusers")  # diffusers' DDIM timesteps and its img2img step count
     ours = pipe.run(s)
     latents = seed_noise(42, 2, (4, 6, 8))  # the noise of seeds 42 and 43, as our pipeline draws it
     theirs = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=7.5, height=48, width=64,
@@ -78,7 +79,8 @@ def test_img2img_equals_diffusers(pipe, diffusers_parts):
     ref.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)
     init = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
-    s = Settings(PROMPT, NEGATIVE, steps=10, cfg=5.0, sampler="Euler", seed=7, width=64, height=48, strength=0.6)
+    s = Settings(PROMPT, NEGATIVE, steps=10, cfg=5.0, sampler="Euler", seed=7, width=64, height=48, strength=0.6,
+                 convention="diffusers")
     ours = pipe.run(s, init_image=init)
     # diffusers takes our (deterministic, posterior-mean) init latents directly and draws the same seed's noise
     from sdtorch.images import pil_to_tensor
@@ -119,7 +121,7 @@ def test_metadata_is_a1111_parameters(pipe):
                          height=40, clip_skip=2)[0]
     assert image.info["parameters"] == (f"{PROMPT}\nNegative prompt: {NEGATIVE}\nSteps: 2, Sampler: DPM++ 2M, "
                                         "Schedule type: Karras, CFG scale: 7, Seed: 3, Size: 32x40, "
-                                        "Model hash: 0123456789, Model: tiny, Clip skip: 2")
+                                        "Model hash: 0123456789, Model: tiny, Clip skip: 2, RNG: CPU")
     assert image.size == (32, 40)
 
 

@@ -87,6 +87,11 @@ def words(n, start=0):
     ("[((c:2.1)", [["c", 2.1000000000000005]]),  # ...as the last bit shows (square first gives 2.1)
     ("a) b] c:1.2)", [["a) b] c:1.2)", 1.0]]),  # closers with nothing open are text
     ("(a:1.2", [["a:1.2", 1.1]]),  # a weight needs its ')' to count
+    # A1111 allows whitespace on both sides of the number (its regex ':\s*([+-]?[.\d]+)\s*\)')
+    ("(a: 1.5)", [["a", 1.5]]),
+    ("(a:1.5 )", [["a", 1.5]]),
+    ("(a :\t1.5\n) b", [["a ", 1.5], [" b", 1.0]]),
+    ("(a: b)", [["a: b", 1.1]]),  # no number: the colon is text
     ("(a:1.2.3)", [["a:1.2.3", 1.1]]),  # not a number: A1111 raises here; we read it as text
     ("\\\\ and \\[x\\)", [["\\ and [x)", 1.0]]),
     ("a\\b", [["ab", 1.0]]),  # a backslash before anything else is dropped

@@ -99,6 +99,13 @@ CASES = {
                          vp=True, noise="generator"),
     "DPM++ SDE": Case("DPM++ SDE", "DPMSolverSDEScheduler", dict(timestep_spacing="leading"), noise="noise_sampler"),
     "UniPC": Case("UniPC", "UniPCMultistepScheduler", dict(timestep_spacing="trailing"), sigmas="trailing", vp=True),
+    # A1111's UniPC settings (variant bh1, order 3, lower order at the end), ending at σ_min as A1111's does (diffusers'
+    # bh1 step to σ = 0 is NaN); diffusers ports the same UniPC code
+    "UniPC bh1 order 3": Case("UniPC", "UniPCMultistepScheduler",
+                              dict(timestep_spacing="trailing", solver_type="bh1", solver_order=3,
+                                   final_sigmas_type="sigma_min"),
+                              sigmas="trailing", vp=True, end_at_alpha_0=True,
+                              sampler_kwargs=dict(order=3, variant="bh1")),
     "LCM": Case("LCM", "LCMScheduler", {}, sigmas="timesteps", vp=True, noise="generator"),
 }
 
@@ -195,7 +202,7 @@ def test_cfg_with_rescale_matches_diffusers_pipeline_math(eps_models, inputs):
 
     schedule = DiscreteSchedule.scaled_linear()
     denoiser = CFGDenoiser(ours_unet, schedule)
-    ours = SAMPLERS["Euler"].fn(denoiser, x_start, get_sigmas(schedule, 10), disable=True,
+    ours = SAMPLERS["Euler"].fn(denoiser, x_start, get_sigmas(schedule, 10, spacing="leading"), disable=True,
                                 extra_args=dict(cond=cond, uncond=uncond, cfg_scale=7.5, guidance_rescale=0.7))
     err = max_rel_err(ours, x)
     print(f"Euler CFG 7.5 rescale 0.7: max rel err {err:.2e}")
@@ -283,7 +290,7 @@ def test_registry_names_the_a1111_samplers_and_schedules():
                              "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "LCM"}
     assert set(SCHEDULES) >= {"normal", "karras", "exponential", "sgm_uniform"}
     for info in SAMPLERS.values():
-        assert info.default_schedule in SCHEDULES
+        assert info.default_schedule is None or info.default_schedule in SCHEDULES  # None: A1111's "Automatic"
         for alias in info.aliases:
             assert get_sampler(alias) is info, alias
 
@@ -333,5 +340,8 @@ def test_unknown_names_raise_with_a_suggestion():
 @pytest.mark.parametrize("steps", [1, 7, 20])
 def test_get_sigmas_descends_to_zero(schedule_name, steps):
     sigmas = get_sigmas(DiscreteSchedule.scaled_linear(), steps, schedule_name)
-    assert sigmas.shape == (steps + 1,) and sigmas.dtype == torch.float32
-    assert sigmas[-1] == 0 and (sigmas[:-1] > 0).all() and (sigmas[1:] < sigmas[:-1]).all()
+    # A1111's exceptions, kept: "DDIM" gives one σ per stride of ⌊T/n⌋ (8 for n = 7); "KL Optimal" ends at σ_min
+    count = len(range(1, 1000, 1000 // steps)) if schedule_name == "ddim" else steps
+    assert sigmas.shape == (count + 1,) and sigmas.dtype == torch.float32
+    last = sigmas[-1] if schedule_name != "kl_optimal" else sigmas[-1] - DiscreteSchedule.scaled_linear().sigma_min
+    assert last.abs() < 1e-6 and (sigmas[:-1] > 0).all() and (sigmas[1:] < sigmas[:-1]).all()

@@ -284,3 +284,22 @@ def test_unet_objective_rejects_mismatched_parts():
     bad = TINY.replace(unet=TINY.unet.__class__(**{**TINY.unet.__dict__, "context_dim": 48}))
     with pytest.raises(ValueError, match="does not fit"):
         UNetObjective(tiny_models(bad), CLIPTokenizer.default()([""]))
+
+
+@torch.no_grad()
+def test_unet_preview_is_the_pipelines_generation():
+    """The preview samples through diffusion.sample, as the pipeline: seeds 0..n-1, the sampler's own schedule."""
+    from sdtorch.diffusion import CFGDenoiser, SeededNoise, sample
+
+    objective = _unet_objective().eval()
+    models = objective.models
+    ids = CLIPTokenizer.default()(["a red square", "a blue circle"])
+    images = torch.zeros(2, 3, 16, 16)
+    rows = objective.preview({"ids": ids, "image": images}, count=2, steps=2)
+    cond, uncond = models.text_encoder(ids), models.text_encoder(objective.empty_ids.expand(2, -1))
+    side = 16 // models.config.vae.downsample_factor
+    latents = sample(CFGDenoiser(models.unet, objective.schedule, objective.prediction_type), "DPM++ 2M", 2,
+                     objective.schedule, SeededNoise(0, 2), (models.config.unet.out_channels, side, side),
+                     extra_args={"cond": cond, "uncond": uncond, "cfg_scale": 5.0})
+    expected = models.vae.decode(latents / models.config.vae.scale_factor).float()
+    assert torch.equal(rows[1], expected)

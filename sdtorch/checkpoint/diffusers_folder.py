@@ -33,12 +33,17 @@ class DiffusersFolder:
 
 
 def read_json(path: Path) -> dict:
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")  # a FIFO would block the read forever
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        found = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{path}: a JSON {type(found).__name__}, expected an object")
+    return found
 
 
 def read_diffusers_folder(folder: Path, files: ExitStack, prefer_fp16: bool = False) -> DiffusersFolder:

@@ -53,18 +53,27 @@ def detect_format(path: str | Path) -> str:
         if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
             return "diffusers-folder"
         raise NotACheckpointError(f"{path}: a folder, but not a diffusers model (no model_index.json, no unet/)")
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{path}: no such file")
+    check_regular_file(path)
     with open(path, "rb") as f:
         head = f.read(9)
+    # safetensors first, by its whole structure (8-byte little-endian header length, then the JSON header's "{"): the
+    # length's low byte can be anything, 0x80 (pickle's PROTO opcode) included
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= MAX_SAFETENSORS_HEADER:
+        return "safetensors"
     if head.startswith(b"PK\x03\x04"):
         return "torch-zip"  # torch.save's default since 1.6: a zip holding data.pkl and one file per storage
     if head[:1] == b"\x80":
         return "pickle"  # the PROTO opcode: a raw pickle (torch.save's legacy format, or plain pickle.dump)
-    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= MAX_SAFETENSORS_HEADER:
-        return "safetensors"  # 8-byte little-endian header length, then the JSON header
     raise NotACheckpointError(f"{path}: not a checkpoint: neither safetensors, a torch zip nor a pickle "
                               f"(starts with {head[:8]!r})")
+
+
+def check_regular_file(path: Path) -> None:
+    """Only regular files are opened: a FIFO would block the reader forever, a device could be endless."""
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path}: no such file")
+    if not path.is_file():
+        raise NotACheckpointError(f"{path}: not a regular file (a FIFO, socket or device)")
 
 
 class SafetensorsFile:
@@ -99,22 +108,12 @@ class SafetensorsFile:
             header = json.loads(self._file.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CorruptCheckpointError(f"{self.path}: damaged safetensors header ({e})") from None
-        self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        except RecursionError:  # JSON nested thousands deep: no real header is
+            raise CorruptCheckpointError(f"{self.path}: damaged safetensors header (nested too deep)") from None
         self.data_start = 8 + n
-        self.entries = {}
-        data_size = size - self.data_start
-        for name, entry in header.items():
-            dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
-            if dtype is None:
-                raise CorruptCheckpointError(f"{self.path}: {name}: unknown dtype {entry.get('dtype')!r}")
-            shape = tuple(entry["shape"])
-            begin, end = entry["data_offsets"]
-            if end - begin != torch.Size(shape).numel() * dtype.itemsize:
-                raise CorruptCheckpointError(f"{self.path}: {name}: {end - begin} bytes cannot hold {shape} {dtype}")
-            if end > data_size:
-                raise CorruptCheckpointError(f"{self.path}: truncated: {name} ends at byte {self.data_start + end}, "
-                                             f"the file has {size} bytes")
-            self.entries[name] = (dtype, shape, self.data_start + begin)
+        self.metadata, self.entries = parse_safetensors_header(header, size - self.data_start, str(self.path))
+        self.entries = {name: (dtype, shape, self.data_start + begin) for name, (dtype, shape, begin)
+                        in self.entries.items()}
 
     def tensors(self) -> dict[str, TensorRef]:
         return {name: TensorRef(shape, dtype, self._fetcher(name)) for name, (dtype, shape, _) in self.entries.items()}
@@ -157,6 +156,51 @@ class SafetensorsFile:
         self._file.close()
 
 
+def parse_safetensors_header(header, data_size: int, where: str) -> tuple[dict[str, str], dict]:
+    """(metadata, {name: (dtype, shape, begin)}) of a parsed JSON header, checked as the reference library checks it:
+    every entry a {dtype, shape, data_offsets} of the right types, and the tensors tiling the data exactly, in offset
+    order, with no gap, overlap or byte outside it (so no tensor can read the header or another tensor's bytes)."""
+    def bad(what: str):
+        return CorruptCheckpointError(f"{where}: damaged safetensors header: {what}")
+
+    if not isinstance(header, dict):
+        raise bad(f"a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise bad(f"__metadata__ is a {type(metadata).__name__}, not an object of strings")
+    entries, spans = {}, []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise bad(f"{name}: not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise bad(f"{name}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise bad(f"{name}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise bad(f"{name}: data_offsets {offsets!r} is not [begin, end]")
+        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[dtype], tuple(shape), offsets
+        if end - begin != torch.Size(shape).numel() * dtype.itemsize:
+            raise CorruptCheckpointError(f"{where}: {name}: {end - begin} bytes cannot hold {shape} {dtype}")
+        entries[name] = (dtype, shape, begin)
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise bad(f"{name} starts at data byte {begin}, expected {position} (tensors overlap or leave a gap)")
+        position = end
+    if position > data_size:
+        raise CorruptCheckpointError(f"{where}: truncated: its tensors need {position} bytes of data, "
+                                     f"the file has {data_size}")
+    if position < data_size:
+        raise bad(f"{data_size - position} bytes after the last tensor belong to none")
+    return {str(k): str(v) for k, v in metadata.items()}, entries
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class _InertObject:
     """Stands in for the PyTorch Lightning callback objects that original LDM .ckpt files carry next to their
     weights: unpickled into this empty class, so their plain-data state is kept and no Lightning code runs."""
@@ -169,6 +213,20 @@ _INERT_GLOBALS = [(_InertObject, "pytorch_lightning.callbacks.model_checkpoint.M
 def read_torch_pickle(path: Path, fmt: str) -> dict[str, TensorRef]:
     """Tensors of a .ckpt/.pt/.bin, unpickled by torch's weights-only unpickler: a payload that would call anything
     (os.system, open, ...) is refused before it runs. Zip files are memory-mapped; a `state_dict` wrapper is removed."""
+    obj = safe_torch_load(path, fmt)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise NotACheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    return {k: TensorRef(tuple(t.shape), t.dtype, _caster(t)) for k, t in obj.items() if isinstance(t, torch.Tensor)}
+
+
+def safe_torch_load(path: Path, fmt: str | None = None):
+    """torch.load with weights_only=True, every failure a CheckpointError naming the file (never torch's advice to
+    retry with weights_only=False: that would run whatever the file holds). `fmt` None: detected."""
+    fmt = fmt or detect_format(path)
+    if fmt not in ("torch-zip", "pickle"):
+        raise NotACheckpointError(f"{path}: a {fmt}, not a torch.save file")
     try:
         with ExitStack() as stack, torch.serialization.safe_globals(_INERT_GLOBALS):
             if path.name.endswith(".safetensors"):
@@ -177,7 +235,7 @@ def read_torch_pickle(path: Path, fmt: str) -> dict[str, TensorRef]:
                 source, mmap_it = stack.enter_context(open(path, "rb")), False
             else:
                 source, mmap_it = path, fmt == "torch-zip"
-            obj = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap_it)
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap_it)
     except pickle.UnpicklingError as e:
         called = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = (f"unpickling it would call {called[1]}" if called
@@ -185,13 +243,9 @@ def read_torch_pickle(path: Path, fmt: str) -> dict[str, TensorRef]:
         raise UnsafeCheckpointError(
             f"{path}: refused to load: {what}, which could run arbitrary code. sdtorch reads only tensors from pickle "
             f"checkpoints; use a .safetensors release of this model") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CorruptCheckpointError(f"{path}: truncated or damaged {fmt} file ({str(e).splitlines()[0]})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise NotACheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
-    return {k: TensorRef(tuple(t.shape), t.dtype, _caster(t)) for k, t in obj.items() if isinstance(t, torch.Tensor)}
+    except Exception as e:  # noqa: BLE001 - a damaged pickle fails in many ways (EOF, IndexError, OverflowError, ...)
+        first = (str(e).splitlines() or [""])[0] or e.__class__.__name__
+        raise CorruptCheckpointError(f"{path}: truncated or damaged {fmt} file ({first})") from None
 
 
 def _caster(t: torch.Tensor):
@@ -199,8 +253,12 @@ def _caster(t: torch.Tensor):
 
 
 def _first_line_of_unpickler_error(message: str) -> str:
+    """The line saying what was refused; torch's lines advising weights_only=False are never shown."""
     found = re.search(r"(Unsupported[^\n]*)", message)
-    return found[1].strip() if found else message.splitlines()[0]
+    if found:
+        return found[1].strip()
+    lines = [line.strip() for line in message.splitlines() if line.strip() and "weights_only" not in line]
+    return lines[0] if lines else "unsupported content"
 
 
 def read_tensor_file(path: Path, fmt: str, files: ExitStack) -> tuple[dict[str, TensorRef], dict[str, str]]:

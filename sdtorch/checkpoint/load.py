@@ -21,9 +21,11 @@ from ..models.stable_diffusion import PREFIXES, StableDiffusionModels
 from ..tokenizer import CLIPTokenizer
 from .diffusers_folder import WEIGHT_NAMES, part_from_diffusers, read_diffusers_folder, read_part_weights
 from .diffusers_keys import vae_rules
-from .errors import CheckpointError, KeyMismatchError, ShapeMismatchError, UnsupportedModelError, name_some
+from .errors import (CheckpointError, CorruptCheckpointError, KeyMismatchError, ShapeMismatchError,
+                     UnsupportedModelError, name_some)
 from .formats import TensorRef, detect_format, read_tensor_file, sha256_of_file
 from .infer import FAMILY_NAMES, describe_keys, detect_family, infer_sd1_config
+from .validate import check_config, check_config_fits
 
 # Tensors real checkpoints carry that are no model weight: LDM's diffusion-schedule buffers, EMA bookkeeping, and
 # CLIP's constant position ids (0..76), which our CLIP computes instead of storing.
@@ -96,6 +98,7 @@ def _load_checkpoint(path, *, vae, device, dtype: torch.dtype | None, ema: bool,
             found = config or _single_file_config(tensors, metadata, path)
         cfg = config or found
         cfg = cfg.replace(prediction_type=prediction_type or _sidecar_prediction_type(path) or cfg.prediction_type)
+        check_config(cfg, str(path))
         where = str(path)
         if vae is not None:
             vae_tensors = read_vae(Path(vae), cfg.vae, files)
@@ -134,9 +137,11 @@ def _single_file_config(tensors: dict[str, TensorRef], metadata: dict[str, str],
     """The config our own files carry in their header, else the SD 1.x sizes the tensors' shapes imply."""
     if "sdtorch.config" in metadata:
         try:
-            return ModelConfig.from_dict(json.loads(metadata["sdtorch.config"]))
-        except (ValueError, TypeError) as e:
+            cfg = ModelConfig.from_dict(json.loads(metadata["sdtorch.config"]))
+        except (ValueError, TypeError, AttributeError, RecursionError) as e:
             raise CheckpointError(f"{path}: unreadable sdtorch.config metadata ({e})") from None
+        check_config_fits(cfg, {k: ref.shape for k, ref in tensors.items()}, str(path))
+        return cfg
     cfg = infer_sd1_config({k: ref.shape for k, ref in tensors.items()}, str(path))
     return cfg.replace(prediction_type="v_prediction") if metadata.get("modelspec.prediction_type") == "v" else cfg
 
@@ -232,6 +237,8 @@ def _check_keys_and_shapes(tensors: dict[str, TensorRef], expected: dict[str, tu
     wrong = []
     for key, ref in tensors.items():
         want = expected[key]
+        if not ref.dtype.is_floating_point:  # every SD weight is a float: an integer one would be cast from garbage
+            raise CorruptCheckpointError(f"{where}: {key} is stored as {ref.dtype}, not as a floating-point weight")
         if ref.shape != want:
             if _VAE_ATTENTION_WEIGHT.fullmatch(key) and ref.shape + (1, 1) == want:
                 tensors[key] = ref.reshaped(want)

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from .schedule import (DiscreteSchedule, exponential_sigmas, karras_sigmas, normal_sigmas, sgm_uniform_sigmas,
-                       simple_sigmas)
+from .schedule import (DiscreteSchedule, align_your_steps_sigmas, beta_sigmas, ddim_sigmas, exponential_sigmas,
+                       karras_sigmas, kl_optimal_sigmas, normal_sigmas, polyexponential_sigmas, sgm_uniform_sigmas,
+                       simple_sigmas, uniform_sigmas)
 
 # ---- shared pieces --------------------------------------------------------------------------------------------------
 
@@ -428,46 +429,67 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 @dataclass(frozen=True)
 class SamplerInfo:
-    """A registered sampler: its function and how A1111, k-diffusion and ComfyUI name it."""
+    """A registered sampler: its function, how A1111, k-diffusion and ComfyUI name it, and how A1111 runs it."""
     name: str  # as A1111 shows it
     fn: Callable
     aliases: tuple[str, ...]  # k-diffusion / ComfyUI / old A1111 ids
     stochastic: bool  # draws noise at its default settings
-    default_schedule: str = "normal"  # what A1111's "Automatic" schedule picks for it
+    # what A1111's "Automatic" schedule picks for it; None: the model's own σs ("uniform") for k-diffusion samplers,
+    # A1111's own timesteps for DDIM, PLMS and UniPC
+    default_schedule: str | None = None
     # A1111/diffusers run these in VP space: they start from unit-variance VP noise and walk SD's "leading" timesteps
     vp: bool = False
     ends_at_t0: bool = False  # ...and stop at the first training timestep (σ_min), not at σ = 0
     takes_eta: bool = False  # has an `eta` argument (DDIM's η, the ancestral noise scale)
+    # A1111 builds steps + 1 σs and drops the next-to-last (its "discard_next_to_last_sigma" sampler option)
+    discard_penultimate: bool = False
+    brownian_noise: bool = False  # A1111 draws its noise from a Brownian tree seeded by the image's seed
+    a1111_options: tuple[tuple[str, object], ...] = ()  # keyword arguments A1111's implementation runs it with
 
 
 _SAMPLER_LIST = [
     SamplerInfo("DDIM", sample_ddim, ("ddim",), False, vp=True, ends_at_t0=True, takes_eta=True),
-    SamplerInfo("DDPM", sample_ddpm, ("ddpm",), True, vp=True),
+    SamplerInfo("DDPM", sample_ddpm, ("ddpm",), True, "normal", vp=True),
     SamplerInfo("PLMS", sample_plms, ("plms", "pndm"), False, vp=True, ends_at_t0=True),
     SamplerInfo("Euler", sample_euler, ("euler", "k_euler"), False),
     SamplerInfo("Euler a", sample_euler_ancestral, ("euler_ancestral", "k_euler_a", "k_euler_ancestral"), True,
                 takes_eta=True),
     SamplerInfo("Heun", sample_heun, ("heun", "k_heun"), False),
     SamplerInfo("LMS", sample_lms, ("lms", "k_lms"), False),
-    SamplerInfo("DPM2", sample_dpm_2, ("dpm_2", "k_dpm_2"), False),
+    SamplerInfo("DPM2", sample_dpm_2, ("dpm_2", "k_dpm_2"), False, "karras", discard_penultimate=True),
     SamplerInfo("DPM2 a", sample_dpm_2_ancestral, ("dpm_2_ancestral", "k_dpm_2_a", "k_dpm_2_ancestral"), True,
-                takes_eta=True),
+                "karras", takes_eta=True, discard_penultimate=True),
     SamplerInfo("DPM++ 2M", sample_dpmpp_2m, ("dpmpp_2m", "k_dpmpp_2m"), False, "karras"),
     SamplerInfo("DPM++ 2M SDE", sample_dpmpp_2m_sde, ("dpmpp_2m_sde", "k_dpmpp_2m_sde"), True, "exponential",
-                takes_eta=True),
-    SamplerInfo("DPM++ SDE", sample_dpmpp_sde, ("dpmpp_sde", "k_dpmpp_sde"), True, "karras", takes_eta=True),
-    SamplerInfo("UniPC", sample_unipc, ("uni_pc", "unipc", "uni_pc_bh2"), False),
+                takes_eta=True, brownian_noise=True),
+    SamplerInfo("DPM++ SDE", sample_dpmpp_sde, ("dpmpp_sde", "k_dpmpp_sde"), True, "karras", takes_eta=True,
+                brownian_noise=True),
+    # A1111's options uni_pc_variant "bh1", uni_pc_order 3 (and "time_uniform", lower order final: see sample.py)
+    SamplerInfo("UniPC", sample_unipc, ("uni_pc", "unipc"), False,
+                a1111_options=(("order", 3), ("variant", "bh1"))),
     SamplerInfo("LCM", sample_lcm, ("lcm",), True, "sgm_uniform", vp=True),
 ]
 SAMPLERS: dict[str, SamplerInfo] = {info.name: info for info in _SAMPLER_LIST}
 
+# A1111's schedule types (its "Schedule type" setting): name -> σ function of (schedule, steps)
 SCHEDULES: dict[str, Callable[..., Tensor]] = {
-    "normal": normal_sigmas,  # the only one that takes `spacing`
+    "uniform": uniform_sigmas,
     "karras": karras_sigmas,
     "exponential": exponential_sigmas,
+    "polyexponential": polyexponential_sigmas,
     "sgm_uniform": sgm_uniform_sigmas,
+    "kl_optimal": kl_optimal_sigmas,
+    "align_your_steps": align_your_steps_sigmas,
     "simple": simple_sigmas,
+    "normal": normal_sigmas,  # the only one that takes diffusers' `spacing`
+    "ddim": ddim_sigmas,
+    "beta": beta_sigmas,
 }
+# ...as A1111's infotext writes them; "Automatic" is the sampler's default
+SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
+                   "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
+                   "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal", "ddim": "DDIM",
+                   "beta": "Beta"}
 
 
 def _key(name: str) -> str:
@@ -476,7 +498,7 @@ def _key(name: str) -> str:
 
 
 _SAMPLER_KEYS = {_key(n): info for info in _SAMPLER_LIST for n in (info.name, *info.aliases)}
-_SCHEDULE_KEYS = {_key(n): n for n in SCHEDULES}
+_SCHEDULE_KEYS = {_key(n): n for n in SCHEDULE_LABELS} | {_key(v): n for n, v in SCHEDULE_LABELS.items()}
 
 
 def _unknown(kind: str, name: str, choices: dict[str, str]) -> ValueError:
@@ -503,17 +525,34 @@ def parse_sampler_name(name: str) -> tuple[SamplerInfo, str | None]:
         return _SAMPLER_KEYS[key], None
     for schedule_key, schedule in _SCHEDULE_KEYS.items():
         if key.endswith(schedule_key) and key[: -len(schedule_key)] in _SAMPLER_KEYS:
-            return _SAMPLER_KEYS[key[: -len(schedule_key)]], schedule
+            return _SAMPLER_KEYS[key[: -len(schedule_key)]], None if schedule == "automatic" else schedule
     return get_sampler(name), None  # raises, with a suggestion
 
 
-def get_sigmas(schedule: DiscreteSchedule, steps: int, schedule_name: str = "normal",
-               spacing: str = "leading") -> Tensor:
-    """The (steps+1,) noise levels of `schedule_name`, from σ_max down, ending in 0. `spacing` picks the timesteps of
-    the "normal" schedule (diffusers' timestep_spacing; SD 1.x's scheduler config uses "leading")."""
-    canonical = _SCHEDULE_KEYS.get(_key(schedule_name))
+def resolve_schedule(name: str | None) -> str | None:
+    """The canonical schedule name for an A1111 label or name ("SGM Uniform", "sgm_uniform"); None for None and
+    "Automatic" (the sampler's default)."""
+    if name is None:
+        return None
+    canonical = _SCHEDULE_KEYS.get(_key(name))
     if canonical is None:
-        raise _unknown("schedule", schedule_name, {n: n for n in SCHEDULES})
+        raise _unknown("schedule", name, {n: n for n in SCHEDULE_LABELS})
+    return None if canonical == "automatic" else canonical
+
+
+def get_sigmas(schedule: DiscreteSchedule, steps: int, schedule_name: str = "normal", spacing: str | None = None,
+               discard_penultimate: bool = False) -> Tensor:
+    """The noise levels of `schedule_name`, from σ_max down, usually n+1 ending in 0. `spacing` picks diffusers'
+    timesteps for the "normal" schedule (None: A1111's). `discard_penultimate` builds n+1 steps and drops the
+    next-to-last σ, as A1111 does for DPM2 and DPM2 a."""
+    canonical = resolve_schedule(schedule_name)
+    if canonical is None:
+        raise ValueError("the 'Automatic' schedule depends on the sampler: resolve it first")
+    steps_built = steps + 1 if discard_penultimate else steps
     if canonical == "normal":
-        return normal_sigmas(schedule, steps, spacing)
-    return SCHEDULES[canonical](schedule, steps)
+        sigmas = normal_sigmas(schedule, steps_built, spacing)
+    else:
+        sigmas = SCHEDULES[canonical](schedule, steps_built)
+    if discard_penultimate:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    return sigmas

@@ -186,33 +186,44 @@ def spaced_timesteps(steps: int, spacing: str = "leading", num_train_timesteps: 
     return torch.from_numpy(t.astype(np.float64))
 
 
-def normal_sigmas(schedule: DiscreteSchedule, steps: int, spacing: str = "leading") -> Tensor:
-    """σ at the `spacing` timesteps: the schedule diffusers' schedulers use by default."""
+def normal_sigmas(schedule: DiscreteSchedule, steps: int, spacing: str | None = None) -> Tensor:
+    """σ at n timesteps evenly spaced from t(σ_max) down to t(σ_min) (A1111's "Normal"), or at diffusers'
+    `spacing` timesteps ("leading", "trailing", "linspace") when one is named.
+
+    A1111 counts down (torch.linspace(t_max, t_min, n)), so one step starts at σ_max; diffusers' "linspace" counts up
+    and reverses, so its one step is at t = 0 (σ_min)."""
     _check_steps(steps, schedule)
-    t = spaced_timesteps(steps, spacing, schedule.num_train_timesteps)
+    if spacing is None:
+        ends = schedule.sigma_to_t(torch.tensor([schedule.sigma_max, schedule.sigma_min], dtype=torch.float64))
+        return _append_zero(_t_to_sigma_float32(schedule, torch.linspace(ends[0].item(), ends[1].item(), steps)))
+    else:
+        t = spaced_timesteps(steps, spacing, schedule.num_train_timesteps)
     return _append_zero(schedule.t_to_sigma(t))
 
 
 def karras_sigmas(schedule: DiscreteSchedule, steps: int, rho: float = 7.0) -> Tensor:
-    """Evenly spaced in σ^(1/ρ) from σ_max to σ_min (Karras et al. 2022, eq. 5)."""
+    """Evenly spaced in σ^(1/ρ) from σ_max to σ_min (Karras et al. 2022, eq. 5).
+
+    In float32 as k-diffusion computes it: A1111's Brownian-tree noise depends on the σs to the last bit (a one-ulp
+    change in σ moves the tree's noise by ~1e-4), so these σs must be k-diffusion's own."""
     _check_steps(steps, schedule)
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float32)
     max_inv_rho, min_inv_rho = schedule.sigma_max ** (1 / rho), schedule.sigma_min ** (1 / rho)
     return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
 
 
 def exponential_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
-    """Evenly spaced in log σ from σ_max to σ_min (k-diffusion's get_sigmas_exponential)."""
+    """Evenly spaced in log σ from σ_max to σ_min (k-diffusion's get_sigmas_exponential, in its float32)."""
     _check_steps(steps, schedule)
-    log_sigmas = torch.linspace(math.log(schedule.sigma_max), math.log(schedule.sigma_min), steps, dtype=torch.float64)
+    log_sigmas = torch.linspace(math.log(schedule.sigma_max), math.log(schedule.sigma_min), steps, dtype=torch.float32)
     return _append_zero(log_sigmas.exp())
 
 
 def sgm_uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
     """σ at n+1 evenly spaced timesteps from T−1 to 0 with the last dropped (ComfyUI's "sgm_uniform")."""
     _check_steps(steps, schedule)
-    t = torch.linspace(schedule.num_train_timesteps - 1, 0, steps + 1, dtype=torch.float64)[:-1]
-    return _append_zero(schedule.t_to_sigma(t))
+    t = torch.linspace(schedule.num_train_timesteps - 1, 0, steps + 1)[:-1]
+    return _append_zero(_t_to_sigma_float32(schedule, t))
 
 
 def simple_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
@@ -221,3 +232,123 @@ def simple_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
     stride = schedule.num_train_timesteps / steps
     t = torch.tensor([schedule.num_train_timesteps - 1 - int(i * stride) for i in range(steps)])
     return _append_zero(schedule.sigmas[t])
+
+
+# ---- A1111's schedule types (modules/sd_schedulers.py), each a function of (schedule, steps) ----------------------
+# Some end at σ_min instead of 0 (KL Optimal) or give more σs than steps (DDIM): A1111 samples them as they are.
+
+def uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
+    """σ at n evenly spaced (fractional) timesteps from T−1 down to 0 (k-diffusion's DiscreteSchedule.get_sigmas,
+    A1111's "Uniform" and, in exact arithmetic, its "Normal"). One step is σ_max alone."""
+    _check_steps(steps, schedule)
+    return _append_zero(_t_to_sigma_float32(schedule, torch.linspace(schedule.num_train_timesteps - 1, 0, steps)))
+
+
+def _t_to_sigma_float32(schedule: DiscreteSchedule, t: Tensor) -> Tensor:
+    """σ(t) interpolated in log σ as k-diffusion's DiscreteSchedule.t_to_sigma computes it, in float32 from float32 t:
+    A1111's σs to the last bit (the Brownian-tree noise of its SDE samplers depends on them; see karras_sigmas)."""
+    log_sigmas = schedule.sigmas.log()
+    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+    return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+
+
+def polyexponential_sigmas(schedule: DiscreteSchedule, steps: int, rho: float = 1.0) -> Tensor:
+    """log σ = log σ_min + r^ρ·(log σ_max − log σ_min) for r from 1 down to 0 (k-diffusion's
+    get_sigmas_polyexponential; A1111's default ρ = 1 makes it the exponential schedule)."""
+    _check_steps(steps, schedule)
+    ramp = torch.linspace(1, 0, steps, dtype=torch.float32) ** rho  # float32, as k-diffusion (see karras_sigmas)
+    log_min, log_max = math.log(schedule.sigma_min), math.log(schedule.sigma_max)
+    return _append_zero((ramp * (log_max - log_min) + log_min).exp())
+
+
+def kl_optimal_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
+    """n+1 σs evenly spaced in arctan σ from σ_max to σ_min (Sabour et al. 2024, "Align Your Steps", eq. 9). As in
+    A1111 the list ends at σ_min, not 0: the sampler's last step lands there and the image keeps that noise."""
+    _check_steps(steps, schedule)
+    # in float32 as A1111 computes it (see karras_sigmas for why the last bit matters)
+    atan_min, atan_max = torch.tensor(schedule.sigma_min).atan(), torch.tensor(schedule.sigma_max).atan()
+    frac = torch.arange(steps + 1) / steps
+    return (frac * atan_min + (1.0 - frac) * atan_max).tan()
+
+
+# NVIDIA's published 10-step Align Your Steps σs for SD 1.5 (research.nvidia.com/labs/toronto-ai/AlignYourSteps)
+AYS_SD15_SIGMAS = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+
+
+def align_your_steps_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
+    """The SD 1.5 Align Your Steps σs (Sabour et al. 2024), log-linearly interpolated to n σs unless n = 11, then 0
+    (A1111's get_align_your_steps_sigmas). The table is for SD 1.5's training schedule and ignores `schedule`."""
+    _check_steps(steps, schedule)
+    if steps == len(AYS_SD15_SIGMAS):
+        return _append_zero(torch.tensor(AYS_SD15_SIGMAS, dtype=torch.float64))
+    # interpolate log σ on [0, 1] with the table's points equally spaced, ascending for np.interp, then descend again
+    log_ascending = np.log(AYS_SD15_SIGMAS[::-1])
+    xs = np.linspace(0, 1, len(AYS_SD15_SIGMAS))
+    sigmas = np.exp(np.interp(np.linspace(0, 1, steps), xs, log_ascending))[::-1].copy()
+    return _append_zero(torch.from_numpy(sigmas))
+
+
+def ddim_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
+    """Training σs at t = 1, 1 + ⌊T/n⌋, 1 + 2⌊T/n⌋, … < T, descending, then 0 (A1111's "DDIM" schedule type). When n
+    does not divide T this gives more than n σs, and A1111 runs them all."""
+    _check_steps(steps, schedule)
+    stride = max(schedule.num_train_timesteps // steps, 1)
+    t = torch.arange(1, schedule.num_train_timesteps, stride).flip(0)
+    return _append_zero(schedule.sigmas[t])
+
+
+def beta_sigmas(schedule: DiscreteSchedule, steps: int, alpha: float = 0.6, beta: float = 0.6) -> Tensor:
+    """σ_min + F⁻¹(1 − i/(n−1))·(σ_max − σ_min), F the Beta(α, β) distribution function (Lee et al. 2024, "Beta
+    Sampling is All You Need"; A1111's defaults α = β = 0.6), then 0."""
+    _check_steps(steps, schedule)
+    q = 1 - np.linspace(0, 1, steps)
+    x = torch.tensor([beta_ppf(float(p), alpha, beta) for p in q], dtype=torch.float64)
+    return _append_zero(schedule.sigma_min + x * (schedule.sigma_max - schedule.sigma_min))
+
+
+def _betainc(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction evaluated with the modified
+    Lentz method (Press et al., Numerical Recipes, §6.4); the symmetry I_x(a, b) = 1 − I_{1−x}(b, a) keeps it in
+    the fraction's fast-converging range x < (a + 1)/(a + b + 2)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(1.0 - x, b, a)
+    log_front = a * math.log(x) + b * math.log1p(-x) - math.log(a) - (math.lgamma(a) + math.lgamma(b)
+                                                                       - math.lgamma(a + b))
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-16:
+            break
+    return math.exp(log_front) * f
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """The quantile x with I_x(a, b) = q, by bisection to the last bit of a float64 (scipy.stats.beta.ppf without
+    scipy: 60 halvings of [0, 1] reach 1e-18)."""
+    if q <= 0.0:
+        return 0.0
+    if q >= 1.0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        if _betainc(mid, a, b) < q:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2

@@ -33,6 +33,24 @@ def atomic_file(path: str | Path):
         os.close(folder)
 
 
+def remove_stale_temp_files(folder: Path) -> None:
+    """Temp files of writes a kill interrupted (`.NAME.tmp-PID`, see atomic_file) whose process is gone."""
+    for tmp in folder.glob(".*.tmp-*"):
+        pid = tmp.name.rpartition(".tmp-")[2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours (EPERM)
+        return True
+    return True
+
+
 def checkpoint_path(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"step-{step:08d}.pt"
 

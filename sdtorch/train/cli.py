@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint
+from ..checkpoint.validate import check_config, check_fields
 from ..config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from ..diffusion.schedule import PREDICTION_TYPES
 from ..models import StableDiffusionModels
@@ -131,7 +132,15 @@ def model_settings(args, base: ModelConfig = TINY) -> tuple[dict, dict]:
     settings = base.to_dict()
     vision = {}
     if args.config:
-        loaded = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        path = Path(args.config)
+        if not path.is_file():
+            raise ValueError(f"config file {path}: {'not a regular file' if path.exists() else 'no such file'}")
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"config file {path}: not UTF-8 JSON ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path}: a JSON {type(loaded).__name__}, expected an object of fields")
         vision = loaded.pop("vision", {})
         settings = _merge(settings, loaded)
     for item in args.set:
@@ -210,6 +219,14 @@ def text_collate(cfg: ModelConfig) -> Collate:
 def build_objective(args) -> tuple[torch.nn.Module, Collate]:
     """The objective `args.objective` names, and the collate function its batches need."""
     settings, vision = model_settings(args)
+    try:
+        check_config(ModelConfig.from_dict(settings), "CONFIG/--set")
+        if not isinstance(vision, dict):
+            raise TypeError(f"vision must be an object of fields, got {vision!r}")
+        check_fields(CLIPVisionConfig(image_size=args.resolution), "CONFIG/--set", "vision.", vision)
+        CLIPVisionConfig(**{"image_size": args.resolution, **vision})
+    except (TypeError, AttributeError) as e:  # a field that does not exist, or a part that is not an object
+        raise ValueError(f"CONFIG/--set: {e}") from None
     if args.objective == "clip":
         cfg = ModelConfig.from_dict(settings)
         text = cfg.clip
@@ -251,6 +268,8 @@ def run_train(args) -> int:
     """Run `sdtorch train ...` from parsed arguments; prints a summary and returns the exit code."""
     cfg = train_config(args)
     cfg.validate()
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a run folder")
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run with this seed
     objective, collate = build_objective(args)
     source = open_source(args.data, args.data_size, args.resolution, args.seed, args.two_shapes)

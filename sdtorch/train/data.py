@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..images import load_image, to_rgb
 from .shapes import TWO_SHAPES_PROB, ShapesDataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -44,12 +45,16 @@ def scan_folder(root: str | Path) -> tuple[list[tuple[Path, str]], list[Path]]:
     metadata = root / "metadata.jsonl"
     if metadata.is_file():
         pairs = []
-        for n, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
+        for n, raw in enumerate(metadata.read_bytes().splitlines(), 1):
+            if not raw.strip():
                 continue
-            record = json.loads(line)
-            if "file_name" not in record or "text" not in record:
-                raise ValueError(f"{metadata}:{n}: each line needs 'file_name' and 'text', got {sorted(record)}")
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{metadata}:{n}: not a line of UTF-8 JSON ({e.__class__.__name__})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("file_name"), str) or "text" not in record:
+                raise ValueError(f"{metadata}:{n}: each line must be an object with 'file_name' and 'text', got "
+                                 f"{raw[:60].decode('utf-8', 'replace')!r}")
             pairs.append((root / record["file_name"], str(record["text"])))
     else:
         images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -87,8 +92,7 @@ class ImageCaptionFolder(Dataset):
         for offset in range(len(self.items)):
             path, text = self.items[(index + offset) % len(self.items)]
             try:
-                with Image.open(path) as image:
-                    return image.convert("RGB"), text
+                return to_rgb(load_image(path)), text  # upright (EXIF) and 16-bit greyscale scaled, as at inference
             except Exception as error:
                 warnings.warn(f"could not decode {path} ({error}); using the next image instead")
         raise RuntimeError(f"no image in {self.root} could be decoded")

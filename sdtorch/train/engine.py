@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoints import atomic_file, checkpoint_path, list_checkpoints, resolve_resume, rng_state, set_rng_state
+from .checkpoints import (atomic_file, checkpoint_path, list_checkpoints, remove_stale_temp_files, resolve_resume,
+                          rng_state, set_rng_state)
 from .data import ShardedBatchSampler, sample_seed
 from .optim import EMA, param_groups, warmup_cosine
 from .plots import image_grid, save_loss_plot
@@ -78,6 +80,9 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.grad_clip < 0 or self.workers < 0:
             raise ValueError("grad_clip and workers must be non-negative")
+
+
+TRAINING_STATE_KEYS = {"step", "model", "optimizer", "scheduler", "ema", "grad_scaler", "data", "world_size", "rng"}
 
 
 class StopRequest:
@@ -211,8 +216,16 @@ class Run:
     def load_checkpoint(self, path: Path) -> dict:
         """Restore everything but the RNGs; returns this rank's RNG states, to set once the data loader has started
         (starting it draws from the global RNG, as it did before the checkpoint was written)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.objective.load_state_dict(state["model"])
+        from ..checkpoint.formats import safe_torch_load
+
+        state = safe_torch_load(path)  # weights only; a damaged or hostile file is one error naming it
+        if not isinstance(state, dict) or not TRAINING_STATE_KEYS <= state.keys():
+            raise ValueError(f"{path} is not a training checkpoint of `sdtorch train` (no step, optimizer, ... "
+                             "state); to fine-tune a model, pass it as --init")
+        try:
+            self.objective.load_state_dict(state["model"])
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: its model does not fit this run's ({str(e).splitlines()[0]})") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
@@ -228,13 +241,33 @@ class Run:
 
     # -- logging --
     def log(self, record: dict) -> None:
+        """Append one line, in one write. After a torn last line (a kill mid-write) it starts on a line of its own,
+        so only the torn line is lost, never the record after it."""
         if self.is_main:
-            with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            with open(self.out / "log.jsonl", "a+b") as f:
+                end, torn = f.seek(0, os.SEEK_END), False
+                if end:
+                    f.seek(end - 1)
+                    torn = f.read(1) != b"\n"
+                f.write(b"\n" * torn + (json.dumps(record) + "\n").encode())
 
     def read_log(self) -> list[dict]:
+        """The log's records. A line cut short by a kill (or otherwise unreadable) is left out with a warning that
+        names it, never stops a resume."""
         path = self.out / "log.jsonl"
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+        if not path.is_file():
+            return []
+        records = []
+        for n, line in enumerate(path.read_bytes().splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+            elif line.strip():
+                warnings.warn(f"{path}:{n}: not a log record (a write cut short?); left out")
+        return records
 
     def truncate_log(self) -> None:
         """On resume, drop the records of steps after the checkpoint: they are about to be redone."""
@@ -299,6 +332,8 @@ class Run:
         cfg = self.cfg
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for folder in (self.out, self.out / "checkpoints"):
+                remove_stale_temp_files(folder)
         resumed_rng = None
         if cfg.resume:
             path = resolve_resume(cfg.resume, self.out)

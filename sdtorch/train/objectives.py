@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from ..checkpoint import save_checkpoint
 from ..config import CLIPTextConfig, ModelConfig, VAEConfig
 from ..diffusion.guidance import CFGDenoiser
-from ..diffusion.samplers import get_sampler, get_sigmas
+from ..diffusion.noise import SeededNoise
+from ..diffusion.sample import sample
 from ..diffusion.schedule import DiscreteSchedule
 from ..models import AutoencoderKL, CLIPTextModel, StableDiffusionModels
 from ..models.stable_diffusion import PREFIXES
@@ -47,16 +48,23 @@ def save_parts(path: str | Path, config: ModelConfig, parts: dict[str, nn.Module
 
 def load_parts(path: str | Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
     """(config, {part: state dict}) of a native .safetensors checkpoint; a file without our header entry is read as
-    SD 1.x (a community checkpoint to fine-tune)."""
-    from safetensors import safe_open
+    SD 1.x (a community checkpoint to fine-tune). Read by the checkpoint loader's checked readers, the stored config
+    checked for types and bounds."""
+    from contextlib import ExitStack
+
+    from ..checkpoint.formats import detect_format, read_tensor_file
+    from ..checkpoint.validate import check_config
 
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no such model file: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        header = (f.metadata() or {}).get(CONFIG_KEY)
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    config = ModelConfig.from_dict(json.loads(header)) if header else ModelConfig()
+    with ExitStack() as files:
+        refs, metadata = read_tensor_file(path, detect_format(path), files)
+        tensors = {key: ref.load(None, torch.device("cpu")).clone() for key, ref in refs.items()}
+    header = metadata.get(CONFIG_KEY)
+    try:
+        config = ModelConfig.from_dict(json.loads(header)) if header else ModelConfig()
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{path}: unreadable {CONFIG_KEY} metadata ({e})") from None
+    check_config(config, str(path))
     parts = {name: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
              for name, prefix in PREFIXES.items()}
     return config, {name: state for name, state in parts.items() if state}
@@ -383,14 +391,12 @@ class UNetObjective(nn.Module):
         n, device = ids.shape[0], ids.device
         cond = self.models.text_encoder(ids)
         uncond = self.models.text_encoder(self.empty_ids.to(device).expand(n, -1))
-        info = get_sampler(sampler)
-        sigmas = get_sigmas(self.schedule, steps, info.default_schedule).to(device)
         latent_side = batch["image"].shape[-1] // self.models.config.vae.downsample_factor
         shape = (self.models.config.unet.out_channels, latent_side, latent_side)
-        x = seeded_randn(seeded_generators(torch.arange(n)), shape, device) * sigmas[0]
         denoiser = CFGDenoiser(self.models.unet, self.schedule, self.prediction_type)
-        latents = info.fn(denoiser, x, sigmas, extra_args={"cond": cond, "uncond": uncond, "cfg_scale": cfg_scale},
-                          disable=True, generator=torch.Generator().manual_seed(0))
+        # the same generation as the pipeline's: seeds 0..n-1, the sampler's own schedule and scalings
+        latents = sample(denoiser, sampler, steps, self.schedule, SeededNoise(0, n), shape, device=device,
+                         extra_args={"cond": cond, "uncond": uncond, "cfg_scale": cfg_scale})
         images = self.models.vae.decode(latents / self.models.config.vae.scale_factor).float()
         return [batch["image"][:count], images]
 
