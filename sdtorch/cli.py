@@ -502,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_train_parser
 
     add_train_parser(sub)
+    from .server.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -518,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train.cli import run_train
             return run_train(args) or 0
+        if args.command == "serve":
+            from .server.cli import run_serve
+            return run_serve(args)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("sdtorch: interrupted", file=sys.stderr)
