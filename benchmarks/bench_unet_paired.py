@@ -91,7 +91,7 @@ def main() -> None:
         for proc in procs.values():
             proc.stdin.close()
             proc.wait()
-    ratios = [a / b for a, b in zip(times["ours"], times["diffusers"])]
+    ratios = [a / b for a, b in zip(times["ours"], times["diffusers"], strict=True)]
     print(f"\n{args.size}x{args.size} UNet step with CFG (batch 2), fp32 CPU, {torch.get_num_threads()} threads, "
           f"{args.rounds} alternating rounds")
     print(f"sdtorch median {statistics.median(times['ours']):.2f} s, diffusers median "

@@ -131,7 +131,7 @@ def check_training(tmp: Path) -> None:
     b = train(tmp, "unet", "unet-b", *parts, "--deterministic")
     print(f"     --deterministic losses: {a}")
     report("two --deterministic UNet runs, max |loss difference|",
-           max(abs(x - y) for x, y in zip(a, b)) if len(a) == len(b) == 8 else float("inf"), 0.0)
+           max(abs(x - y) for x, y in zip(a, b, strict=True)) if len(a) == len(b) == 8 else float("inf"), 0.0)
 
 
 def main() -> None:

@@ -91,7 +91,7 @@ def pixel_count(text: str) -> int:
 
 def generation_settings(args) -> dict:
     """CLI options, on top of the parameters of --from IMAGE.png, on top of the defaults."""
-    from .metadata import params_to_kwargs, parse_parameters, read_parameters
+    from .metadata import params_to_kwargs, parse_parameters
 
     settings = dict(GENERATE_DEFAULTS)
     if args.from_png:
@@ -329,7 +329,7 @@ def run_generate(args) -> int:
             progress.close()
     elapsed = time.perf_counter() - start
     numbered = Path(args.output).suffix.lower() != ".png"
-    for image, path in zip(images, paths):
+    for image, path in zip(images, paths, strict=True):
         print(f"wrote {save_image(image, path, numbered)}")
     print(f"seed: {s['seed']}  ({len(images)} image{'s' * (len(images) > 1)} in {elapsed:.1f} s)")
     return 0

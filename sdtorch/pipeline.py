@@ -1,7 +1,8 @@
 """Generation: txt2img, img2img and inpainting on a loaded model.
 
 The flow of one image (see docs in README):
-    prompt -> tokens -> CLIP -> context;  seed -> CPU randn -> x_T;  sampler(guided denoiser(UNet)) -> x_0 -> VAE -> image
+    prompt -> tokens -> CLIP -> context;  seed -> CPU randn -> x_T;
+    sampler(guided denoiser(UNet)) -> x_0 -> VAE -> image
 """
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ class Pipeline:
         self.to(self.device, self.dtype)
 
     # -- set-up -------------------------------------------------------------------------------------------------
-    def to(self, device=None, dtype=None) -> "Pipeline":
+    def to(self, device=None, dtype=None) -> Pipeline:
         self.device = resolve_device(device) if device is not None else self.device
         self.dtype = resolve_dtype(dtype) or self.dtype
         side = torch.device("cpu") if self.offload else self.device

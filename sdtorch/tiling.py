@@ -39,9 +39,9 @@ def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float, out_channe
             ph, pw = piece.shape[2:]
             o = int(overlap * scale)
             wgt = _ramp(ph, o, piece.device)[:, None] * _ramp(pw, o, piece.device)[None, :]  # (ph, pw)
-            t, l = int(top * scale), int(left * scale)
-            out[:, :, t:t + ph, l:l + pw] += piece * wgt
-            weight[:, :, t:t + ph, l:l + pw] += wgt
+            oy, ox = int(top * scale), int(left * scale)  # the tile's corner in the output
+            out[:, :, oy:oy + ph, ox:ox + pw] += piece * wgt
+            weight[:, :, oy:oy + ph, ox:ox + pw] += wgt
     return out / weight
 
 

@@ -11,9 +11,10 @@ Text goes through four steps:
 
 import gzip
 import html
+import itertools
 import json
 import unicodedata
-from functools import lru_cache
+from functools import lru_cache, cache
 from pathlib import Path
 
 import regex
@@ -148,7 +149,7 @@ class CLIPTokenizer:
         symbols = [self._byte_encoder[b] for b in word.encode("utf-8")]
         symbols[-1] += END_OF_WORD
         while len(symbols) > 1:
-            pair = min(zip(symbols, symbols[1:]), key=lambda p: self.bpe_ranks.get(p, float("inf")))
+            pair = min(itertools.pairwise(symbols), key=lambda p: self.bpe_ranks.get(p, float("inf")))
             if pair not in self.bpe_ranks:
                 break
             first, second = pair
@@ -238,6 +239,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _default_tokenizer(pad_token_id: int | None, html_unescape: bool) -> CLIPTokenizer:
     return CLIPTokenizer.from_bpe_gz(DEFAULT_VOCAB, pad_token_id=pad_token_id, html_unescape=html_unescape)

@@ -103,7 +103,7 @@ def build_corpus() -> list[str]:
     for _ in range(350):  # mixtures, glued with or without whitespace
         parts = [rng.choice(rng.choice(pools)) for _ in range(rng.randint(2, 8))]
         glue = [rng.choice(["", " "] + WHITESPACE) for _ in parts]
-        lines.append("".join(g + p for g, p in zip(glue, parts)))
+        lines.append("".join(g + p for g, p in zip(glue, parts, strict=True)))
     lines += [" ".join([rng.choice(UNICODE_SNIPPETS)] * rng.randint(10, 40)) for _ in range(20)]  # long unicode
     assert not any("\n" in s or "\r" in s for s in lines)
     return lines
@@ -162,7 +162,7 @@ def test_shipped_vocabulary_is_openai_clip(tok):
 
 def test_encode_matches_transformers(tok, reference, corpus):
     expected = reference(corpus, add_special_tokens=False)["input_ids"]
-    mismatches = [(s, tok.encode(s), e) for s, e in zip(corpus, expected) if tok.encode(s) != e]
+    mismatches = [(s, tok.encode(s), e) for s, e in zip(corpus, expected, strict=True) if tok.encode(s) != e]
     assert not mismatches, f"{len(mismatches)} of {len(corpus)} differ, first: {mismatches[0]}"
 
 

@@ -25,7 +25,7 @@ def unet_from_diffusers(d: dict, where: str) -> UNetConfig:
     if len(set(heads)) == 1:
         num_heads, num_head_channels = heads[0], -1  # SD 1.x: 8 heads at every width
     else:
-        per_head = {w // h for w, h in zip(widths, heads)}
+        per_head = {w // h for w, h in zip(widths, heads, strict=True)}
         if len(per_head) != 1:
             raise UnsupportedModelError(f"{where}: not supported yet: heads {heads} for widths {widths}")
         num_heads, num_head_channels = 8, per_head.pop()  # SD 2.x: 64 channels per head

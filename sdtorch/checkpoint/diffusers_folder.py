@@ -113,10 +113,8 @@ def part_from_diffusers(part: str, weights: dict[str, TensorRef], rules, where: 
     """One part's tensors under the original checkpoint's keys (with PREFIXES[part])."""
     out, unclaimed = {}, []
     for key, ref in weights.items():
-        if rules is None:  # CLIP: same names, under an optional text_model. prefix
-            original = key.removeprefix(CLIP_PREFIX)
-        else:
-            original = from_diffusers(key, rules)
+        # CLIP keeps its names, under an optional text_model. prefix
+        original = key.removeprefix(CLIP_PREFIX) if rules is None else from_diffusers(key, rules)
         if original is None:
             unclaimed.append(key)
         else:

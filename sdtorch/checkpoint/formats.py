@@ -14,7 +14,7 @@ import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -88,7 +88,7 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = open(path, "rb")
+        self._file = open(path, "rb")  # noqa: SIM115 (held open for lazy reads; closed by close())
         try:
             self._parse_header()
             # ACCESS_COPY (MAP_PRIVATE): writable views without touching the file; callers replace files atomically

@@ -16,7 +16,8 @@ from .upsample import Upsample
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of each sample's own timestep (Vaswani et al. 2017, sec. 3.5): (B,) -> (B, dim), cos first."""
+    """Sinusoidal embedding of each sample's own timestep (Vaswani et al. 2017, sec. 3.5): (B,) -> (B, dim),
+    cos first."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
@@ -150,7 +151,8 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(layers))
 
-        self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, ch), nn.SiLU(),
+                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
         cfg = self.config

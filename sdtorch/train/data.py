@@ -10,7 +10,7 @@ import json
 import random
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ def scan_folder(root: str | Path) -> tuple[list[tuple[Path, str]], list[Path]]:
         uncaptioned = [p for p in images if not p.with_suffix(".txt").is_file()]
         if uncaptioned:
             warnings.warn(f"{len(uncaptioned)} images in {root} have no .txt caption and are left out "
-                          f"(first: {uncaptioned[0].name})")
+                          f"(first: {uncaptioned[0].name})", stacklevel=2)
         pairs = [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images if p not in uncaptioned]
     good, bad = [], []
     for path, text in pairs:
@@ -70,7 +70,7 @@ def scan_folder(root: str | Path) -> tuple[list[tuple[Path, str]], list[Path]]:
         else:
             bad.append(path)
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable or corrupt images in {root} (first: {bad[0].name})")
+        warnings.warn(f"skipped {len(bad)} unreadable or corrupt images in {root} (first: {bad[0].name})", stacklevel=2)
     return good, bad
 
 
@@ -94,7 +94,7 @@ class ImageCaptionFolder(Dataset):
             try:
                 return to_rgb(load_image(path)), text  # upright (EXIF) and 16-bit greyscale scaled, as at inference
             except Exception as error:
-                warnings.warn(f"could not decode {path} ({error}); using the next image instead")
+                warnings.warn(f"could not decode {path} ({error}); using the next image instead", stacklevel=2)
         raise RuntimeError(f"no image in {self.root} could be decoded")
 
 

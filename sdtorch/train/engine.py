@@ -219,7 +219,7 @@ class Run:
         from ..checkpoint.formats import safe_torch_load
 
         state = safe_torch_load(path)  # weights only; a damaged or hostile file is one error naming it
-        if not isinstance(state, dict) or not TRAINING_STATE_KEYS <= state.keys():
+        if not isinstance(state, dict) or not state.keys() >= TRAINING_STATE_KEYS:
             raise ValueError(f"{path} is not a training checkpoint of `sdtorch train` (no step, optimizer, ... "
                              "state); to fine-tune a model, pass it as --init")
         try:
@@ -266,7 +266,7 @@ class Run:
             if isinstance(record, dict) and isinstance(record.get("step"), int):
                 records.append(record)
             elif line.strip():
-                warnings.warn(f"{path}:{n}: not a log record (a write cut short?); left out")
+                warnings.warn(f"{path}:{n}: not a log record (a write cut short?); left out", stacklevel=2)
         return records
 
     def truncate_log(self) -> None:
