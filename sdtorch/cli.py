@@ -6,6 +6,7 @@ step, writes nothing, and exits 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
@@ -51,6 +52,8 @@ def add_generate(sub) -> None:
     p.add_argument("--from", dest="from_png", metavar="IMAGE.png",
                    help="regenerate from the parameters stored in a PNG; other options override them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--attention-maps", metavar="OUT.png",
+                   help="also draw where each word of the prompt is attended (the first image's cross-attention)")
 
 
 def generation_settings(args) -> dict:
@@ -160,6 +163,8 @@ def run_generate(args) -> int:
     if s["seed"] == -1:
         s["seed"] = random.randrange(2 ** 32)
     paths = output_paths(args.output, s["batch"], s["seed"])
+    if args.attention_maps and Path(args.attention_maps).suffix.lower() != ".png":
+        raise CLIError(f"--attention-maps writes a .png file, got {args.attention_maps}")
 
     import sdtorch
 
@@ -168,6 +173,10 @@ def run_generate(args) -> int:
     strength = s.pop("strength")
     progress = None if args.quiet else make_progress_bar()
     signal.signal(signal.SIGINT, lambda *_: pipe.interrupt())  # stop after the current step
+    recording = contextlib.ExitStack()
+    if args.attention_maps:
+        from .attention_maps import record_cross_attention
+        record = recording.enter_context(record_cross_attention(pipe.unet, images=s["batch"]))
     start = time.perf_counter()
     try:
         if mask is not None:
@@ -181,10 +190,16 @@ def run_generate(args) -> int:
     finally:
         if progress is not None:
             progress.close()
+        recording.close()
     elapsed = time.perf_counter() - start
     for image, path in zip(images, paths):
         save_png(image, path, image.info["parameters"])
         print(f"wrote {path}")
+    if args.attention_maps:
+        from .attention_maps import draw_word_maps, word_maps
+        draw_word_maps(images[0], word_maps(record.mean()[0], pipe.tokenizer, prompt), args.attention_maps,
+                       title=prompt)
+        print(f"wrote {args.attention_maps}")
     print(f"seed: {s['seed']}  ({len(images)} image{'s' * (len(images) > 1)} in {elapsed:.1f} s)")
     return 0
 

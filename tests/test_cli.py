@@ -191,3 +191,15 @@ def test_ctrl_c_stops_after_the_current_step_and_writes_nothing(model, tmp_path)
     err = b"".join(seen).decode()
     assert "interrupted after step" in err and "nothing written" in err
     assert not out.exists()
+
+
+def test_attention_maps_draws_the_words_of_the_prompt(model, tmp_path):
+    out = tmp_path / "maps.png"
+    r = sdtorch("generate", "a red circle", "--model", model, "--seed", "1", "-o", tmp_path / "x.png", "--attention-maps",
+                out, *FAST)
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as im:
+        assert im.width > 3 * im.height  # the image and one panel per word ("a", "red", "circle") side by side
+    r = sdtorch("generate", "a red circle", "--model", model, "-o", tmp_path / "y.png", "--attention-maps",
+                tmp_path / "maps.jpg", *FAST)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and ".png" in r.stderr
