@@ -152,10 +152,7 @@ def draw_word_maps(image, maps: dict[str, torch.Tensor], path: str | Path | None
     axes[0].imshow(rgb)
     axes[0].set_title("image", fontsize=9)
     for ax, (word, m) in zip(axes[1:], maps.items(), strict=True):
-        up = F.interpolate(m[None, None].float(), size=grey.shape, mode="bicubic", align_corners=False)[0, 0]
-        up = up.numpy()
-        ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
-        ax.imshow((up - up.min()) / max(up.max() - up.min(), 1e-12), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        draw_map(ax, grey, m)
         ax.set_title(f"{word} {100 * m.mean().item():.0f}%", fontsize=9)
     for ax in axes:
         ax.set_axis_off()
@@ -165,6 +162,16 @@ def draw_word_maps(image, maps: dict[str, torch.Tensor], path: str | Path | None
     if path is not None:
         fig.savefig(path, dpi=100)
     return fig
+
+
+def draw_map(ax, grey, word_map: torch.Tensor) -> None:
+    """One word's (h, w) map on a matplotlib axis: upsampled (bicubic) to the grey image's size and laid over it,
+    scaled from its own minimum (blue) to its maximum (red)."""
+    up = F.interpolate(word_map[None, None].float(), size=grey.shape, mode="bicubic", align_corners=False)[0, 0]
+    up = ((up - up.min()) / (up.max() - up.min()).clamp(min=1e-12)).numpy()
+    ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
+    ax.imshow(up, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    ax.set_axis_off()
 
 
 def attention_maps(pipe, prompt: str, path: str | Path | None = None, words: list[str] | None = None, **kwargs):
