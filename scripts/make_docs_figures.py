@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 import sdtorch
@@ -79,6 +80,15 @@ def save(fig: Figure, out: Path, name: str) -> Path:
     return path
 
 
+def save_against_t(fig: Figure, axes, out: Path, name: str) -> Path:
+    """Plots against the timestep: label the shared x axis, light grid, save."""
+    for ax in axes:
+        ax.set_xlabel("timestep t")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save(fig, out, name)
+
+
 # ---- 1. generative models -------------------------------------------------------------------------------------------
 
 def fig_01_conditioning(lab: Lab, out: Path) -> Path:
@@ -112,11 +122,7 @@ def fig_02_schedule(lab: Lab, out: Path) -> Path:
     axes[2].semilogy(t, abar / (1 - abar))
     axes[2].set_title("SNR = ᾱ/(1−ᾱ) = 1/σ²")
     axes[0].set_title("x_t = √ᾱ·x₀ + √(1−ᾱ)·ε")
-    for ax in axes:
-        ax.set_xlabel("timestep t")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return save(fig, out, "02_schedule")
+    return save_against_t(fig, axes, out, "02_schedule")
 
 
 def fig_02_noising(lab: Lab, out: Path) -> Path:
@@ -170,11 +176,7 @@ def fig_03_loss_by_t(lab: Lab, out: Path) -> Path:
     axes[0].set_ylim(0, 1.1)
     axes[1].semilogy(ts, x0_err, marker=".")
     axes[1].set_title("‖x̂₀ − x₀‖², the image it implies")
-    for ax in axes:
-        ax.set_xlabel("timestep t")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return save(fig, out, "03_loss_by_t")
+    return save_against_t(fig, axes, out, "03_loss_by_t")
 
 
 # ---- 4. sampling ----------------------------------------------------------------------------------------------------
@@ -221,11 +223,13 @@ def fig_04_samplers(lab: Lab, out: Path) -> Path:
 
 
 def fig_04_sigmas(lab: Lab, out: Path) -> Path:
+    """20-step σ lists; "normal" with the evenly spaced timesteps the pipeline gives the k-diffusion samplers."""
     fig = Figure(figsize=(4.5, 2.6))
     ax = fig.subplots()
     for name in ["normal", "karras", "exponential"]:
-        sig = get_sigmas(lab.pipe.schedule, 20, name)[:-1]
+        sig = get_sigmas(lab.pipe.schedule, 20, name, spacing="linspace")[:-1]  # the final 0 has no log
         ax.semilogy(sig.numpy(), marker=".", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("σ")
     ax.legend(frameon=False)
