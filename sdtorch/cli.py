@@ -68,6 +68,8 @@ def add_generate(sub) -> None:
     p.add_argument("--from", dest="from_png", metavar="IMAGE.png",
                    help="regenerate from the parameters stored in a PNG; other options override them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--attention-maps", metavar="OUT.png",
+                   help="also draw where each word of the prompt is attended (the first image's cross-attention)")
     p.add_argument("--exact-batch", action="store_true",
                    help="run a batch one image at a time, so each equals its --from regeneration bit for bit (slower)")
     p.add_argument("--max-pixels", type=pixel_count, default=DEFAULT_MAX_PIXELS, metavar="N|WxH",
@@ -285,6 +287,8 @@ def run_generate(args) -> int:
     if s["seed"] == -1:
         s["seed"] = random.randrange(2 ** 32)
     paths = output_paths(args.output, s["batch"], s["seed"])
+    if args.attention_maps and Path(args.attention_maps).suffix.lower() != ".png":
+        raise CLIError(f"--attention-maps writes a .png file, got {args.attention_maps}")
 
     import sdtorch
     from .pipeline import GenerationInterrupted
@@ -311,6 +315,10 @@ def run_generate(args) -> int:
         pipe.interrupt()
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    recording = contextlib.ExitStack()
+    if args.attention_maps:
+        from .attention_maps import record_cross_attention
+        record = recording.enter_context(record_cross_attention(pipe.unet, images=s["batch"]))
     start = time.perf_counter()
     try:
         if mask is not None:
@@ -327,10 +335,16 @@ def run_generate(args) -> int:
         signal.signal(signal.SIGINT, previous)
         if progress is not None:
             progress.close()
+        recording.close()
     elapsed = time.perf_counter() - start
     numbered = Path(args.output).suffix.lower() != ".png"
     for image, path in zip(images, paths, strict=True):
         print(f"wrote {save_image(image, path, numbered)}")
+    if args.attention_maps:
+        from .attention_maps import draw_word_maps, word_maps
+        draw_word_maps(images[0], word_maps(record.mean()[0], pipe.tokenizer, prompt), args.attention_maps,
+                       title=prompt)
+        print(f"wrote {args.attention_maps}")
     print(f"seed: {s['seed']}  ({len(images)} image{'s' * (len(images) > 1)} in {elapsed:.1f} s)")
     return 0
 

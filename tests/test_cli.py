@@ -211,3 +211,15 @@ def test_hires_fix_options_and_from_an_a1111_text(model, tmp_path):
     r = sdtorch("generate", "--from", a1111, "--model", model, "-o", out2, "--quiet", timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Sampler: Euler a, Schedule type: Automatic" in params_of(out2) and "RNG: NV" in params_of(out2)
+
+
+def test_attention_maps_draws_the_words_of_the_prompt(model, tmp_path):
+    out = tmp_path / "maps.png"
+    r = sdtorch("generate", "a red circle", "--model", model, "--seed", "1", "-o", tmp_path / "x.png", "--attention-maps",
+                out, *FAST)
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as im:
+        assert im.width > 3 * im.height  # the image and one panel per word ("a", "red", "circle") side by side
+    r = sdtorch("generate", "a red circle", "--model", model, "-o", tmp_path / "y.png", "--attention-maps",
+                tmp_path / "maps.jpg", *FAST)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and ".png" in r.stderr

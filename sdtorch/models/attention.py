@@ -1,17 +1,57 @@
-"""Attention (Vaswani et al. 2017) over PyTorch's fused `scaled_dot_product_attention`, and the transformer pieces the
-UNet uses. CLIP and the VAE call the same `attention` function with their own projection names."""
+"""Attention (Vaswani et al. 2017) and the transformer pieces the UNet uses. CLIP and the VAE call the same
+`attention` function with their own projection names.
+
+`attention` runs PyTorch's fused `scaled_dot_product_attention`, which never forms the attention matrix. Inside
+`explicit_attention()` it runs the formula as written instead, softmax(QKᵀ/√d)·V through `attention_probs`: slower and
+O(N·M) in memory, but every step is a tensor a learner can print. The two agree to float rounding (tests: ≤ 1e-5 in
+fp32). `sdtorch.attention_maps` records the cross-attention probabilities of a generation with hooks, using
+`attention_probs` too.
+"""
+import contextlib
+import math
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_explicit = False  # set by explicit_attention(); module-wide, like PyTorch's own backend switches
+
+
+@contextlib.contextmanager
+def explicit_attention(enabled: bool = True) -> Iterator[None]:
+    """Within the block, `attention` computes softmax(QKᵀ/√d)·V step by step instead of calling the fused kernel."""
+    global _explicit
+    previous, _explicit = _explicit, enabled
+    try:
+        yield
+    finally:
+        _explicit = previous
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H·d) -> (B, H, N, d): each head attends on its own d channels."""
+    b, n, width = t.shape
+    return t.view(b, n, heads, width // heads).transpose(1, 2)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """The attention matrix softmax(QKᵀ/√d) (Vaswani et al. 2017, eq. 1): q (B, H, N, d), k (B, H, M, d) ->
+    (B, H, N, M); row n says how query n shares its attention over the M keys (each row sums to 1)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, N, d) @ (B, H, d, M) -> (B, H, N, M)
+    if causal:  # query i may only look at keys j <= i (CLIP's text tower, like a language model)
+        n, m = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return scores.softmax(dim=-1)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
     """softmax(QKᵀ/√d)V over `heads` heads; q (B, N, H·d), k/v (B, M, H·d) -> (B, N, H·d)."""
     b, n, width = q.shape
-    d = width // heads
-    # (B, N, H·d) -> (B, H, N, d): SDPA wants the heads as a batch dimension
-    q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    q, k, v = (split_heads(t, heads) for t in (q, k, v))  # SDPA wants the heads as a batch dimension
+    # explicit: (B, H, N, M) @ (B, H, M, d) -> (B, H, N, d); the fused kernel computes the same without the matrix
+    out = (attention_probs(q, k, causal) @ v if _explicit
+           else F.scaled_dot_product_attention(q, k, v, is_causal=causal))
     return out.transpose(1, 2).reshape(b, n, width)  # (B, H, N, d) -> (B, N, H·d)
 
 
