@@ -215,8 +215,8 @@ def test_hires_fix_options_and_from_an_a1111_text(model, tmp_path):
 
 def test_attention_maps_draws_the_words_of_the_prompt(model, tmp_path):
     out = tmp_path / "maps.png"
-    r = sdtorch("generate", "a red circle", "--model", model, "--seed", "1", "-o", tmp_path / "x.png", "--attention-maps",
-                out, *FAST)
+    r = sdtorch("generate", "a red circle", "--model", model, "--seed", "1", "-o", tmp_path / "x.png",
+                "--attention-maps", out, *FAST)
     assert r.returncode == 0, r.stderr
     with Image.open(out) as im:
         assert im.width > 3 * im.height  # the image and one panel per word ("a", "red", "circle") side by side
