@@ -44,6 +44,8 @@ def add_generate(sub) -> None:
     p.add_argument("--mask-blur", type=int, default=4)
     p.add_argument("--model", help="checkpoint (.safetensors/.ckpt) or diffusers folder (default: the built-in model)")
     p.add_argument("--vae", help="a separate VAE file replacing the model's")
+    p.add_argument("--lora-dir", help="where <lora:NAME:W> finds NAME (default: models/Lora, as A1111)")
+    p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by name (default: embeddings)")
     p.add_argument("--clip-skip", type=int)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
@@ -89,6 +91,20 @@ def read_png_parameters(path: str) -> str:
     if not text:
         raise CLIError(f"--from: {path} carries no generation parameters")
     return text
+
+
+def check_embeddings_present(text: str, pipe) -> None:
+    """--from: the embeddings its "TI hashes" name must be in the embeddings folder, or the prompt would silently
+    read their names as words (missing LoRAs fail by themselves: their <lora:...> tags are in the prompt)."""
+    from .metadata import parse_parameters
+
+    listed = parse_parameters(text)[2].get("TI hashes", "")
+    present = pipe.embeddings.files()
+    for item in filter(None, (part.strip() for part in listed.split(","))):
+        name = item.rpartition(":")[0].strip()
+        if name and name not in present:
+            raise CLIError(f"--from: the image used the embedding {name!r}, which is not in "
+                           f"{pipe.embeddings.folder} (give --embeddings-dir)")
 
 
 def validate_settings(s: dict, args) -> None:
@@ -163,7 +179,10 @@ def run_generate(args) -> int:
 
     import sdtorch
 
-    pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype)
+    pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype, lora_dir=args.lora_dir,
+                        embeddings_dir=args.embeddings_dir)
+    if args.from_png:
+        check_embeddings_present(read_png_parameters(args.from_png), pipe)
     prompt, negative = s.pop("prompt"), s.pop("negative")
     strength = s.pop("strength")
     progress = None if args.quiet else make_progress_bar()

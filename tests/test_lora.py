@@ -314,3 +314,82 @@ def test_lora_tags_are_read_as_a1111_reads_them(prompt, text, tags):
 def test_bad_lora_tags_are_one_clear_error():
     with pytest.raises(ValueError, match="numbers"):
         extract_lora_tags("<lora:ink:strong>")
+
+
+# ---- in the pipeline --------------------------------------------------------------------------------------------------
+
+def lora_pipe(tmp_path, **kwargs):
+    from sdtorch.pipeline import Pipeline
+    from sdtorch.tokenizer import CLIPTokenizer
+
+    return Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, name="tiny", device="cpu",
+                    lora_dir=tmp_path, embeddings_dir=tmp_path, **kwargs)
+
+
+GENERATE = dict(steps=3, width=32, height=32, sampler="Euler", seed=3, cfg=5)
+
+
+def pixels(image):
+    import numpy as np
+
+    return np.asarray(image).astype(int)
+
+
+def test_pipeline_tags_kwargs_negative_prompt_and_metadata(tmp_path):
+    """<lora:ink:0.7> in the prompt, loras={"ink": 0.7} and the tag in the negative prompt all merge the same LoRA;
+    the PNG text keeps the tag and carries A1111's Lora hashes; a generation without LoRAs is the base image again."""
+    from sdtorch.metadata import parse_parameters
+
+    kohya_file(tmp_path / "ink.safetensors", tiny_models())
+    pipe = lora_pipe(tmp_path)
+    base_state = {k: v.clone() for k, v in pipe.models.state_dict().items()}
+    base = pipe.txt2img("a red circle", **GENERATE)[0]
+    tagged = pipe.txt2img("a red circle <lora:ink:0.7>", **GENERATE)[0]
+    by_kwarg = pipe.txt2img("a red circle ", loras={"ink": 0.7}, **GENERATE)[0]
+    in_negative = pipe.txt2img("a red circle ", "<lora:ink:0.7>", **GENERATE)[0]
+    assert (pixels(tagged) == pixels(by_kwarg)).all() and (pixels(tagged) == pixels(in_negative)).all()
+    assert abs(pixels(tagged) - pixels(base)).max() > 8
+    prompt, _, params = parse_parameters(by_kwarg.info["parameters"])
+    assert prompt == "a red circle <lora:ink:0.7:0.7>"
+    assert params["Lora hashes"] == f"ink: {read_network(tmp_path / 'ink.safetensors', pipe.models).short_hash}"
+    again = pipe.txt2img("a red circle", **GENERATE)[0]
+    assert (pixels(again) == pixels(base)).all() and "Lora hashes" not in again.info["parameters"]
+    assert all(torch.equal(v, base_state[k]) for k, v in pipe.models.state_dict().items())
+    with pytest.raises(NetworkError, match="close matches: ink"):
+        pipe.txt2img("<lora:inc:1>", **GENERATE)
+
+
+def test_merged_weights_in_the_packed_memory_mapped_pipeline(tmp_path):
+    """An fp32 file is memory-mapped and its UNet packed for oneDNN during sampling, its pages released between
+    phases. A merged weight is ordinary memory: release never drops it and packing leaves it unpacked (a pack would
+    be a second copy), while the untouched mapped weights are packed as usual; the image equals the one of the plain
+    pipeline, and switching back gives the file's own bytes."""
+    import sdtorch
+    from sdtorch.models import packed
+
+    kohya_file(tmp_path / "ink.safetensors", tiny_models())
+    sdtorch.save(lora_pipe(tmp_path), tmp_path / "model.safetensors")
+    mapped = sdtorch.load(tmp_path / "model.safetensors", device="cpu", lora_dir=tmp_path)
+    plain = sdtorch.load(tmp_path / "model.safetensors", device="cpu", lora_dir=tmp_path)
+    plain.release_idle_weights = False  # no packing, no releasing: the reference
+    seen = {}
+
+    def look(step, total, latents, sigma):
+        if step == 1 and packed.available():
+            layers = [m for m in mapped.unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                      and isinstance(m.__dict__.get("forward"), packed._PackedForward)
+                      and m.weight.nbytes > 4 * 4096]
+            merged = {id(m) for m in mapped.networks.originals}
+            seen["merged packed"] = [m.forward.packed is not None for m in layers if id(m) in merged]
+            seen["others packed"] = [m.forward.packed is not None for m in layers if id(m) not in merged]
+
+    image = mapped.txt2img("a cat <lora:ink:1:unet=0.8>", callback=look, **GENERATE)[0]
+    reference = plain.txt2img("a cat <lora:ink:1:unet=0.8>", **GENERATE)[0]
+    assert abs(pixels(image) - pixels(reference)).max() <= 1
+    if packed.available():
+        assert seen["merged packed"] and not any(seen["merged packed"])
+    mapped.txt2img("a cat", **GENERATE)
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(v, stored[k]) for k, v in mapped.models.state_dict().items())
