@@ -121,6 +121,19 @@ class LayerUpdate:
             raise NetworkError(f"its update has {tuple(delta.shape)} values for a weight of shape {tuple(shape)}")
         return delta.reshape(shape)
 
+    def add_to(self, weight: torch.Tensor, factor: float) -> None:
+        """weight += ΔW·scale·factor, in place (weight: fp32, contiguous). For LoRA one fused W + a·(up·down), which
+        allocates nothing (addmm); DoRA's rescaling needs the merged weight, so it is built first."""
+        t = self.tensors
+        if self.kind == "lora" and "dora_scale" not in t and "mid" not in t:
+            up, down = t["up"].to(weight).flatten(1), t["down"].to(weight).flatten(1)  # (O, r), (r, I·kh·kw)
+            weight.view(weight.shape[0], -1).addmm_(up, down, alpha=self.scale() * factor)
+            return
+        delta = self.delta(weight.shape).to(weight.device) * self.scale()
+        if "dora_scale" in t:
+            delta = self.dora(weight + delta, weight)
+        weight.add_(delta, alpha=factor)
+
     def dora(self, merged: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """DoRA (Liu et al. 2024, eq. 5) as A1111 applies it: the merged weight's input columns rescaled to the
         stored magnitudes; returns the resulting update."""
@@ -240,15 +253,16 @@ def _other_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
 
 
 def _check_shape(path: Path, layer: str, update: LayerUpdate, module: nn.Module) -> None:
+    """The update's factors multiply out to the layer's weight shape: computed on the meta device (shapes only)."""
     try:
-        update.delta(module.weight.shape)
+        LayerUpdate({k: v.to("meta") for k, v in update.tensors.items()}).delta(module.weight.shape)
     except NetworkError as e:
         raise NetworkError(f"{path}: {layer}: {e}") from None
     except RuntimeError as e:  # factors that do not multiply
         raise NetworkError(f"{path}: {layer}: damaged update ({str(e).splitlines()[0]})") from None
 
 
-# ---- applying and restoring -------------------------------------------------------------------------------------------
+# ---- applying and restoring ------------------------------------------------------------------------------------------
 
 class AppliedNetworks:
     """The networks currently merged into a model's weights, and the original weight tensors to put back."""
@@ -291,18 +305,18 @@ def apply_networks(models, networks: list[tuple[Network, float, float]],
                 continue
             module = _module(models, part, name)
             weight = module.weight
-            merged_from = weight.detach().float()
-            delta = update.delta(weight.shape).to(weight.device) * update.scale()
-            if "dora_scale" in update.tensors:
-                delta = update.dora(merged_from + delta, merged_from)
-            patched = (merged_from + delta * multiplier).to(weight.dtype)
+            if module in originals and weight.dtype == torch.float32:
+                work = weight.detach()  # already a merged tensor of ours: updated in place
+            else:
+                work = weight.detach().to(torch.float32, copy=True)
+            update.add_to(work, multiplier)
             if module not in originals:
                 originals[module] = weight
-            module._parameters["weight"] = nn.Parameter(patched, requires_grad=False)
-    memory.release(p.data for p in originals.values())
+                memory.release([weight])  # layer by layer, so RAM never holds both copies of many weights
+            module._parameters["weight"] = nn.Parameter(work.to(weight.dtype), requires_grad=False)
 
 
-# ---- finding files ----------------------------------------------------------------------------------------------------
+# ---- finding files ---------------------------------------------------------------------------------------------------
 
 def find_file(name: str, folder: Path | None, extensions=NETWORK_EXTENSIONS, what: str = "LoRA") -> Path:
     """The file a prompt names: a path, or NAME(.ext) in `folder` (subfolders too, as A1111 lists them); an unknown

@@ -345,7 +345,7 @@ class Pipeline:
         networks = [(self.network(name), unet, te) for name, unet, te in tags + negative_tags]
         self.networks.set(networks)
         s.extra["Lora hashes"] = _hash_list({name: network.short_hash for (name, _, _), (network, _, _)
-                                             in zip(tags + negative_tags, networks)})
+                                             in zip(tags + negative_tags, networks, strict=True)})
         return prompt, negative
 
     def network(self, name: str):

@@ -46,7 +46,8 @@ def kohya_file(path, models, seed=0, text_encoder=True, alpha=ALPHA):
         targets += [("lora_te_text_model_" + name.replace(".", "_"), m) for name, m in te_layers(models)]
     for key, m in targets:
         down, up = low_rank(m.weight, g)
-        state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)})
+        state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                      f"{key}.alpha": torch.tensor(alpha)})
     save_file(state, str(path), metadata={"ss_network_dim": str(RANK)})
     return state
 
@@ -97,7 +98,7 @@ def kohya_updates(state, models, multiplier_unet=1.0, multiplier_te=1.0):
     return updates
 
 
-# ---- kohya-ss / A1111 -------------------------------------------------------------------------------------------------
+# ---- kohya-ss / A1111 ------------------------------------------------------------------------------------------------
 
 def test_kohya_lora_equals_diffusers_load_lora_weights_on_the_unet(tmp_path):
     """Every UNet layer, 3x3 convs included (LoCon), alpha/rank scaling: diffusers converts the same file itself."""
@@ -127,7 +128,7 @@ def test_kohya_lora_equals_the_formula_with_separate_multipliers(tmp_path):
     network = read_network(tmp_path / "k.safetensors", models)
     expected = formula_outputs(models, kohya_updates(state, models, 0.7, -0.4))
     apply(models, (network, 0.7, -0.4))
-    for ours, ref in zip(outputs(models), expected):
+    for ours, ref in zip(outputs(models), expected, strict=True):
         assert max_rel_err(ours, ref) <= 1e-5
 
 
@@ -142,17 +143,17 @@ def test_two_loras_at_once_and_switching_restores_the_base_bit_for_bit(tmp_path)
         updates[key] = updates.get(key, []) + deltas
     expected = formula_outputs(models, updates)
     applied = apply(models, (a, 0.8, 0.8), (b, 0.5, 1.2))
-    for ours, ref in zip(outputs(models), expected):
+    for ours, ref in zip(outputs(models), expected, strict=True):
         assert max_rel_err(ours, ref) <= 1e-5
     applied.set([(b, 1.0, 1.0)])  # switch: base + b only
     expected_b = formula_outputs(base_state, kohya_updates(state_b, models))
-    for ours, ref in zip(outputs(models), expected_b):
+    for ours, ref in zip(outputs(models), expected_b, strict=True):
         assert max_rel_err(ours, ref) <= 1e-5
     applied.set([])
     assert all(torch.equal(v, base_state[k]) for k, v in models.state_dict().items())
 
 
-# ---- diffusers / PEFT -------------------------------------------------------------------------------------------------
+# ---- diffusers / PEFT ------------------------------------------------------------------------------------------------
 
 def peft_file(path, models, reference_te, seed=3):
     """A diffusers/PEFT LoRA (lora_A/lora_B, no alphas: scale 1) for the UNet and the text encoder."""
@@ -204,7 +205,7 @@ def test_old_diffusers_attention_processor_keys(tmp_path):
     assert max_rel_err(outputs(models)[0], expected[0]) <= 1e-5
 
 
-# ---- LyCORIS -----------------------------------------------------------------------------------------------------------
+# ---- LyCORIS ---------------------------------------------------------------------------------------------------------
 
 def lycoris_case(kind, m, g):
     """(tensors of one layer, its ΔW before multiplier) for LoHa / LoKr / DoRA, the formulas written out."""
@@ -250,7 +251,7 @@ def test_lycoris_and_dora_equal_their_formulas(tmp_path, kind):
     assert max_rel_err(outputs(models)[0], expected[0]) <= 1e-5
 
 
-# ---- files and errors --------------------------------------------------------------------------------------------------
+# ---- files and errors ------------------------------------------------------------------------------------------------
 
 def test_other_families_and_non_loras_are_refused_and_unmatched_keys_reported(tmp_path):
     models = tiny_models()
@@ -316,7 +317,7 @@ def test_bad_lora_tags_are_one_clear_error():
         extract_lora_tags("<lora:ink:strong>")
 
 
-# ---- in the pipeline --------------------------------------------------------------------------------------------------
+# ---- in the pipeline -------------------------------------------------------------------------------------------------
 
 def lora_pipe(tmp_path, **kwargs):
     from sdtorch.pipeline import Pipeline

@@ -25,7 +25,7 @@ from .objectives import UNetObjective
 
 
 class LoraLayer(nn.Module):
-    """The trainable low-rank pair beside one frozen Linear or 1x1 Conv2d; `hook` adds its term to the layer's output."""
+    """The trainable low-rank pair beside a frozen Linear or 1x1 Conv2d; `hook` adds its term to the layer's output."""
 
     def __init__(self, layer: nn.Linear | nn.Conv2d, rank: int, alpha: float):
         super().__init__()
