@@ -313,7 +313,9 @@ def apply_networks(models, networks: list[tuple[Network, float, float]],
             if module not in originals:
                 originals[module] = weight
                 memory.release([weight])  # layer by layer, so RAM never holds both copies of many weights
-            module._parameters["weight"] = nn.Parameter(work.to(weight.dtype), requires_grad=False)
+            merged = nn.Parameter(work.to(weight.dtype), requires_grad=False)
+            merged.unmapped = True  # ordinary memory: models/packed.py runs its layer plainly rather than copy it
+            module._parameters["weight"] = merged
 
 
 # ---- finding files ---------------------------------------------------------------------------------------------------
