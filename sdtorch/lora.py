@@ -16,11 +16,13 @@ The layouts, told apart by tensor names (never by file name):
     diffusers / PEFT   unet.down_blocks.0....to_q.lora_A.weight (lora_B, lora.down/up, processor.to_q_lora.down)
     LyCORIS            lora_unet_... .hada_w1_a ... / .lokr_w1 ...
 
-`apply_networks` patches the affected weights: each becomes a new tensor W', and the original tensor is kept aside
-and put back by `restore`, so switching networks returns the base weights bit for bit. This was measured against
-computing the low-rank term beside each layer (see README, "LoRA"): patched weights cost nothing per step, while
-the side computation added up to 20% to a 320-wide attention layer's work and cannot reach the Upsample's conv,
-which reads its weight directly (models/upsample.py).
+`apply_networks` patches the affected weights: each becomes a new fp32 tensor W' (one fused addmm), and the
+original tensor is kept aside and put back by `restore`, so switching networks returns the base weights bit for bit.
+Chosen over computing the low-rank term beside each layer because the merged layer costs the same work per call as
+the plain one, while the side term adds r·(in + out) multiply-adds per token to in·out (20% for rank 32 on a
+320-wide layer), and because the Upsample's conv reads its weight directly (models/upsample.py), where no hook on
+the layer would see it. The price is RAM: a merged weight is ordinary memory, which neither `memory.release` nor
+the oneDNN packs (models/packed.py) can replace; benchmarks/bench_lora.py measures both ways.
 """
 from __future__ import annotations
 
