@@ -369,7 +369,8 @@ def test_merged_weights_in_the_packed_memory_mapped_pipeline(tmp_path):
     from sdtorch.models import packed
 
     state = kohya_file(tmp_path / "all.safetensors", tiny_models())
-    save_file({k: v for k, v in state.items() if "attentions" in k or "lora_te" in k}, str(tmp_path / "ink.safetensors"))
+    attention_only = {k: v for k, v in state.items() if "attentions" in k or "lora_te" in k}
+    save_file(attention_only, str(tmp_path / "ink.safetensors"))
     sdtorch.save(lora_pipe(tmp_path), tmp_path / "model.safetensors")
     mapped = sdtorch.load(tmp_path / "model.safetensors", device="cpu", lora_dir=tmp_path)
     plain = sdtorch.load(tmp_path / "model.safetensors", device="cpu", lora_dir=tmp_path)
