@@ -30,6 +30,7 @@ import difflib
 import functools
 import hashlib
 import re
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +234,9 @@ def read_network(path: str | Path, models, name: str | None = None) -> Network:
     if not layers:
         raise NetworkError(f"{path}: none of its {len(grouped)} layers matches this model "
                            f"(e.g. {', '.join(sorted(grouped)[:3])})")
+    if unmatched:  # reported, never dropped silently (A1111 logs them too)
+        warnings.warn(f"{path}: {len(unmatched)} of its {len(grouped)} layers match no layer of this model "
+                      f"(e.g. {', '.join(sorted(unmatched)[:3])})", stacklevel=2)
     return Network(name or path.stem, path, layers, metadata, sorted(unmatched))
 
 
