@@ -14,10 +14,12 @@ BUILTIN_MODEL = Path(__file__).parent / "data" / "builtin.safetensors"
 
 
 def load(path, *, vae=None, device="auto", dtype=None, ema: bool = False, prediction_type: str | None = None,
-         offload: bool = False, tune_allocator: bool = False):
+         offload: bool = False, tune_allocator: bool = False, lora_dir=None, embeddings_dir=None):
     """Load a checkpoint (single-file .safetensors/.ckpt or a diffusers folder) into a ready Pipeline.
     `tune_allocator` lets a CPU pipeline change glibc's malloc settings for the whole process (faster steps; see
-    sdtorch.memory.keep_freed_blocks): the command line turns it on, a library caller decides."""
+    sdtorch.memory.keep_freed_blocks): the command line turns it on, a library caller decides.
+    lora_dir/embeddings_dir: where prompts' <lora:NAME:W> tags and embedding names are looked up (default: A1111's
+    layout, models/Lora and embeddings/ beside a models/Stable-diffusion folder, else under the current folder)."""
     from .checkpoint import load_checkpoint
     from .pipeline import Pipeline, resolve_device, resolve_dtype
 
@@ -25,7 +27,16 @@ def load(path, *, vae=None, device="auto", dtype=None, ema: bool = False, predic
                              prediction_type=prediction_type)
     return Pipeline(loaded.models, loaded.tokenizer, loaded.config, name=loaded.name,
                     model_hash=lambda: loaded.sha256_short, device=resolve_device(device), dtype=dtype,
-                    offload=offload, tune_allocator=tune_allocator)
+                    offload=offload, tune_allocator=tune_allocator, lora_dir=lora_dir or default_dirs(path)[0],
+                    embeddings_dir=embeddings_dir or default_dirs(path)[1])
+
+
+def default_dirs(model_path) -> tuple[Path, Path]:
+    """A1111's LoRA and embeddings folders for a model: a model in ROOT/models/Stable-diffusion/ has them in
+    ROOT/models/Lora and ROOT/embeddings; any other model, in models/Lora and embeddings under the current folder."""
+    folder = Path(model_path).resolve().parent
+    root = folder.parent.parent if folder.name == "Stable-diffusion" and folder.parent.name == "models" else Path()
+    return root / "models" / "Lora", root / "embeddings"
 
 
 def save(pipe, path, *, dtype=None) -> Path:

@@ -61,6 +61,8 @@ def add_generate(sub) -> None:
     p.add_argument("--mask-blur", type=int, default=4)
     p.add_argument("--model", help="checkpoint (.safetensors/.ckpt) or diffusers folder (default: the built-in model)")
     p.add_argument("--vae", help="a separate VAE file replacing the model's")
+    p.add_argument("--lora-dir", help="where <lora:NAME:W> finds NAME (default: models/Lora, as A1111)")
+    p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by name (default: embeddings)")
     p.add_argument("--clip-skip", type=int)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
@@ -145,6 +147,20 @@ def read_png_parameters(path: str, what: str = "--from") -> str:
     if not text:
         raise CLIError(f"{what}: {path} carries no generation parameters")
     return text
+
+
+def check_embeddings_present(text: str, pipe) -> None:
+    """--from: the embeddings its "TI hashes" name must be in the embeddings folder, or the prompt would silently
+    read their names as words (missing LoRAs fail by themselves: their <lora:...> tags are in the prompt)."""
+    from .metadata import parse_parameters
+
+    listed = parse_parameters(text)[2].get("TI hashes", "")
+    present = pipe.embeddings.files()
+    for item in filter(None, (part.strip() for part in listed.split(","))):
+        name = item.rpartition(":")[0].strip()
+        if name and name not in present:
+            raise CLIError(f"--from: the image used the embedding {name!r}, which is not in "
+                           f"{pipe.embeddings.folder} (give --embeddings-dir)")
 
 
 def validate_settings(s: dict, args) -> None:
@@ -293,10 +309,13 @@ def run_generate(args) -> int:
     import sdtorch
     from .pipeline import GenerationInterrupted
 
-    pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype, tune_allocator=True)
+    pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype, tune_allocator=True,
+                        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     pipe.batch_exact = args.exact_batch
     if init is None:
         check_size(s["width"] or pipe.config.resolution, s["height"] or pipe.config.resolution, args.max_pixels)
+    if args.from_png:
+        check_embeddings_present(read_png_parameters(args.from_png), pipe)
     prompt, negative = s.pop("prompt"), s.pop("negative")
     strength = s.pop("strength")
     s = {k: v for k, v in s.items() if v is not None or k in ("width", "height", "schedule")}  # None: the default

@@ -11,6 +11,7 @@ import math
 import random
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -24,10 +25,12 @@ from .diffusion.noise import SeededNoise, resolve_rng, seed_noise  # noqa: F401 
 from .diffusion.sample import CONVENTIONS, sample
 from .diffusion.samplers import SCHEDULE_LABELS, parse_sampler_name, resolve_schedule
 from .diffusion.schedule import DiscreteSchedule
+from .embeddings import EmbeddingLibrary, EmbeddingMatcher
+from .lora import AppliedNetworks, find_file, read_network
 from .metadata import format_parameters, png_with_parameters
 from .models import StableDiffusionModels
 from .models.packed import packed_weights
-from .prompts import encode_prompt_pair
+from .prompts import encode_prompt_pair, extract_lora_tags
 from .tiling import decode_tiled, encode_tiled
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -88,6 +91,7 @@ class Settings:
     hires_steps: int = 0  # 0: as many as the first pass
     hires_upscaler: str = "Latent"
     hires_strength: float = 0.7
+    loras: dict | None = None  # {name or path: w, or {"unet": w, "te": w}}: written into the prompt as <lora:...> tags
     extra: dict = field(default_factory=dict)
 
     @property
@@ -130,7 +134,8 @@ class Pipeline:
 
     def __init__(self, models: StableDiffusionModels, tokenizer, config: ModelConfig, *, name: str = "",
                  model_hash=None, device="auto", dtype=None, offload: bool = False,
-                 release_idle_weights: bool = True, tune_allocator: bool = False):
+                 release_idle_weights: bool = True, tune_allocator: bool = False, lora_dir=None,
+                 embeddings_dir=None):
         self.models = models.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.config = config
@@ -151,6 +156,12 @@ class Pipeline:
         self.batch_exact = False
         self._running: set[threading.Event] = set()  # one stop flag per generation running now
         self._running_lock = threading.Lock()
+        # LoRA files named by <lora:NAME:W> tags, and textual-inversion embeddings named by their words (A1111's
+        # models/Lora and embeddings folders); the merged networks stay until a generation asks for others
+        self.lora_dir = lora_dir
+        self.embeddings = EmbeddingLibrary(embeddings_dir)
+        self.networks = AppliedNetworks(self.models)
+        self._network_files: dict = {}
         self.to(self.device, self.dtype)
 
     # -- set-up -------------------------------------------------------------------------------------------------
@@ -270,7 +281,8 @@ class Pipeline:
         if auto_tile:
             tiled_vae = s.width * s.height > TILE_ABOVE_PIXELS
 
-        cond, uncond = self.encode_prompts(s.prompt, s.negative, s.clip_skip)
+        prompt, negative = self.use_networks(s)
+        cond, uncond = self.encode_prompts(prompt, negative, s.clip_skip, s.extra)
         cond, uncond = cond.expand(s.batch, -1, -1), uncond.expand(s.batch, -1, -1)
         self._done_with(self.text_encoder)
 
@@ -348,8 +360,41 @@ class Pipeline:
         sampler, named_schedule = parse_sampler_name(s.sampler)
         return sampler, resolve_schedule(s.schedule) or named_schedule
 
-    def encode_prompts(self, prompt: str, negative: str, clip_skip: int):
-        return encode_prompt_pair(self.text_encoder, self.tokenizer, prompt, negative, clip_skip=clip_skip)
+    def encode_prompts(self, prompt: str, negative: str, clip_skip: int, extra: dict | None = None):
+        """Both prompts' contexts; with an embeddings folder, its names in the prompts become their vectors (and
+        `extra` gets A1111's "TI hashes" of those used)."""
+        matcher = None
+        if self.embeddings.files():
+            matcher = EmbeddingMatcher(self.embeddings, self.tokenizer, self.config.clip.hidden_size)
+        pair = encode_prompt_pair(self.text_encoder, self.tokenizer, prompt, negative, clip_skip=clip_skip,
+                                  embeddings=matcher)
+        if extra is not None:
+            extra["TI hashes"] = _hash_list({name: e.short_hash for name, e in matcher.used.items()} if matcher
+                                            else {})
+        return pair
+
+    def use_networks(self, s: Settings) -> tuple[str, str]:
+        """Take the <lora:...> tags out of both prompts (s.loras first becomes tags of the prompt, so the metadata
+        regenerates the image) and merge exactly those LoRAs into the weights; none restores the base weights.
+        Returns the prompts without tags; s.extra gets A1111's "Lora hashes"."""
+        if s.loras:
+            s.prompt += "".join(_lora_tag(name, value) for name, value in s.loras.items())
+            s.loras = None
+        prompt, tags = extract_lora_tags(s.prompt)
+        negative, negative_tags = extract_lora_tags(s.negative)  # A1111 applies a LoRA named there too
+        networks = [(self.network(name), unet, te) for name, unet, te in tags + negative_tags]
+        self.networks.set(networks)
+        s.extra["Lora hashes"] = _hash_list({name: network.short_hash for (name, _, _), (network, _, _)
+                                             in zip(tags + negative_tags, networks, strict=True)})
+        return prompt, negative
+
+    def network(self, name: str):
+        """The LoRA file `name` names (in lora_dir, or a path), read once per version of the file."""
+        path = find_file(name, Path(self.lora_dir) if self.lora_dir is not None else None)
+        key = (path.resolve(), path.stat().st_mtime_ns)
+        if key not in self._network_files:
+            self._network_files[key] = read_network(path, self.models, name=name)
+        return self._network_files[key]
 
     @staticmethod
     def _vae_input(x: torch.Tensor) -> torch.Tensor:
@@ -402,6 +447,7 @@ class Pipeline:
             "Hires resize": f"{s.hires_resize[0]}x{s.hires_resize[1]}" if hires_pass and s.hires_resize else None,
             "Hires steps": (s.hires_steps or None) if hires_pass else None,
             "Hires upscaler": s.hires_upscaler if hires_pass else None,
+            "TI hashes": s.extra.get("TI hashes"), "Lora hashes": s.extra.get("Lora hashes"),
         }
 
 
@@ -427,7 +473,7 @@ class _OneImageAtATime:
 
 _SETTINGS_FIELDS = {"steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch", "clip_skip",
                     "guidance_rescale", "eta", "rng", "convention", "img2img_fix_steps", "hires_scale", "hires_resize",
-                    "hires_steps", "hires_upscaler", "hires_strength"}
+                    "hires_steps", "hires_upscaler", "hires_strength", "loras"}
 
 
 def _settings_kwargs(kwargs: dict) -> dict:
@@ -442,3 +488,16 @@ def _size_from(image: Image.Image, kwargs: dict) -> None:
     for name, side in (("width", image.width), ("height", image.height)):
         if kwargs.get(name) is None:
             kwargs[name] = side // 8 * 8
+
+
+def _lora_tag(name: str, value) -> str:
+    """<lora:NAME:TE:UNET> for pipe.txt2img(loras={NAME: w or {"unet": w, "te": w}})."""
+    if any(c in str(name) for c in ":<>"):
+        raise ValueError(f"loras: a LoRA name cannot contain ':', '<' or '>', got {name!r}")
+    unet, te = (value.get("unet", 1.0), value.get("te", 1.0)) if isinstance(value, dict) else (value, value)
+    return f"<lora:{name}:{float(te):g}:{float(unet):g}>"
+
+
+def _hash_list(hashes: dict[str, str]) -> str | None:
+    """A1111's "name: hash, name: hash", names without ':' and ',' (so the list reads back), or None if empty."""
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in hashes.items()) or None

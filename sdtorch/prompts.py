@@ -8,7 +8,7 @@ The text encoder and tokenizer are used only through their interfaces:
     tokenizer.encode(text) -> list[int] (no BOS/EOS); bos_token_id, eos_token_id, pad_token_id, model_max_length
 """
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -88,9 +88,10 @@ class PromptChunk:
     """One CLIP window: BOS, up to 75 prompt tokens, EOS, padding (77 ids), and one emphasis multiplier per id."""
     tokens: list[int]
     multipliers: list[float]
+    fixes: list = field(default_factory=list)  # (offset after BOS, (n, D) vectors): textual-inversion embeddings
 
 
-def _frame_chunk(tokenizer, tokens, weights):
+def _frame_chunk(tokenizer, tokens, weights, fixes=()):
     """BOS + tokens + EOS + padding to model_max_length; BOS, EOS and padding carry multiplier 1.0.
 
     A1111 pads with EOS, then overwrites everything after the first EOS with the pad id; the result is the same.
@@ -99,48 +100,65 @@ def _frame_chunk(tokenizer, tokens, weights):
     return PromptChunk(
         tokens=[tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding,
         multipliers=[1.0, *weights, 1.0] + [1.0] * padding,
+        fixes=list(fixes),
     )
 
 
-def tokenize_prompt(tokenizer, prompt: str, comma_padding_backtrack: int = 20) -> list[PromptChunk]:
+def tokenize_prompt(tokenizer, prompt: str, comma_padding_backtrack: int = 20, embeddings=None) -> list[PromptChunk]:
     """Split a prompt into 75-token chunks as A1111 does (modules/sd_hijack_clip.py, tokenize_line).
 
     A chunk that fills up while a comma lies within its last `comma_padding_backtrack` tokens is cut just after
     that comma, so the phrase being written moves whole into the next chunk. BREAK starts a new chunk.
-    An empty prompt gives one chunk of padding.
+    An empty prompt gives one chunk of padding. `embeddings` (an embeddings.EmbeddingMatcher) finds embedding names
+    among the tokens: each takes as many places as it has vectors, all in one chunk (A1111's PromptChunkFix).
     """
     if comma_padding_backtrack < 0:
         raise ValueError(f"comma_padding_backtrack must be >= 0, got {comma_padding_backtrack}")
     chunk_length = tokenizer.model_max_length - 2  # room left after BOS and EOS: 75 for CLIP
     comma = tokenizer.encode(",")[0]
     chunks = []
-    tokens, weights = [], []  # the chunk being filled, without BOS/EOS
+    tokens, weights, fixes = [], [], []  # the chunk being filled, without BOS/EOS
     last_comma = -1  # position of the last comma in the chunk being filled
 
     def close_chunk():
-        nonlocal tokens, weights, last_comma
-        chunks.append(_frame_chunk(tokenizer, tokens, weights))
-        tokens, weights, last_comma = [], [], -1
+        nonlocal tokens, weights, fixes, last_comma
+        chunks.append(_frame_chunk(tokenizer, tokens, weights, fixes))
+        tokens, weights, fixes, last_comma = [], [], [], -1
 
     for text, weight in parse_prompt_attention(prompt):
         if text == "BREAK" and weight == -1:
             close_chunk()
             continue
-        for token in tokenizer.encode(text):
+        ids = tokenizer.encode(text)
+        position = 0
+        while position < len(ids):
+            token = ids[position]
             if token == comma:
                 last_comma = len(tokens)
             elif (comma_padding_backtrack and len(tokens) == chunk_length and last_comma != -1
                   and len(tokens) - last_comma <= comma_padding_backtrack):
                 # The chunk is full mid-phrase: end it after the comma and carry the phrase over whole.
                 cut = last_comma + 1
-                carried_tokens, carried_weights = tokens[cut:], weights[cut:]
-                tokens, weights = tokens[:cut], weights[:cut]
+                carried = tokens[cut:], weights[cut:], [(offset - cut, v) for offset, v in fixes if offset >= cut]
+                tokens, weights, fixes = tokens[:cut], weights[:cut], [fix for fix in fixes if fix[0] < cut]
                 close_chunk()
-                tokens, weights = carried_tokens, carried_weights
+                tokens, weights, fixes = carried
             if len(tokens) == chunk_length:
                 close_chunk()
-            tokens.append(token)
-            weights.append(weight)
+            found = embeddings.match(ids, position) if embeddings is not None else None
+            if found is None:
+                tokens.append(token)
+                weights.append(weight)
+                position += 1
+                continue
+            embedding, name_length = found
+            vectors = embedding.vectors
+            if len(tokens) + len(vectors) > chunk_length:
+                close_chunk()
+            fixes.append((len(tokens), vectors))
+            tokens += [0] * len(vectors)  # placeholders whose token vectors the embedding replaces
+            weights += [weight] * len(vectors)
+            position += name_length
     if tokens or not chunks:
         close_chunk()
     return chunks
@@ -152,7 +170,14 @@ def _encode_chunks(text_encoder, chunks, clip_skip):
         raise ValueError(f"clip_skip must be an int >= 1 (1 = last layer), got {clip_skip!r}")
     device = next(text_encoder.parameters()).device
     ids = torch.tensor([chunk.tokens for chunk in chunks], dtype=torch.long, device=device)  # (k, 77)
-    z = text_encoder(ids, clip_skip=clip_skip)  # (k, 77) -> (k, 77, D)
+    if any(chunk.fixes for chunk in chunks):  # embeddings' vectors replace their placeholders' token vectors
+        token_embeds = text_encoder.embeddings.token_embedding(ids)  # (k, 77) -> (k, 77, D)
+        for row, chunk in enumerate(chunks):
+            for offset, vectors in chunk.fixes:
+                token_embeds[row, 1 + offset:1 + offset + len(vectors)] = vectors.to(token_embeds)
+        z = text_encoder(ids, clip_skip=clip_skip, token_embeds=token_embeds)
+    else:
+        z = text_encoder(ids, clip_skip=clip_skip)  # (k, 77) -> (k, 77, D)
     multipliers = torch.tensor([chunk.multipliers for chunk in chunks], dtype=z.dtype, device=z.device)  # (k, 77)
     # Scaling token vectors shifts the chunk's overall mean, which shows up as artifacts; A1111 scales the whole
     # chunk back to its original mean. Each chunk is normalised on its own, as A1111 encodes them one at a time.
@@ -172,14 +197,47 @@ def encode_prompt(text_encoder, tokenizer, prompt: str, clip_skip: int = 1, min_
 
 
 def encode_prompt_pair(text_encoder, tokenizer, prompt: str, negative_prompt: str = "",
-                       clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                       clip_skip: int = 1, embeddings=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode (prompt, negative prompt) for classifier-free guidance: two (1, 77·k, D) tensors of equal length.
 
     The shorter one is padded with chunks of the empty prompt, as A1111 does, so both can share a batch.
+    `embeddings`: an embeddings.EmbeddingMatcher, for textual-inversion names in either prompt.
     """
-    cond, uncond = tokenize_prompt(tokenizer, prompt), tokenize_prompt(tokenizer, negative_prompt)
+    cond = tokenize_prompt(tokenizer, prompt, embeddings=embeddings)
+    uncond = tokenize_prompt(tokenizer, negative_prompt, embeddings=embeddings)
     k = max(len(cond), len(uncond))
     empty = tokenize_prompt(tokenizer, "")
     cond, uncond = cond + empty * (k - len(cond)), uncond + empty * (k - len(uncond))
     z = _encode_chunks(text_encoder, cond + uncond, clip_skip)  # (2k, 77, D), one encoder call for both
     return z[:k].reshape(1, -1, z.shape[-1]), z[k:].reshape(1, -1, z.shape[-1])  # 2 × (1, 77·k, D)
+
+
+# A1111's extra-network tags (modules/extra_networks.py): "<lora:NAME:TE:UNET>", removed from the text before encoding
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+LORA_KINDS = ("lora", "lyco")  # "lyco": the LyCORIS extension's tag, which A1111's Lora extension also reads
+
+
+def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
+    """(prompt without its LoRA tags, [(name, unet multiplier, te multiplier)]), read as A1111's Lora extension
+    (extra_networks_lora.py) reads them: <lora:NAME> is 1 for both; <lora:NAME:TE:UNET> is the text encoder's, then
+    the UNet's multiplier; te=/unet= override either. The UNet's defaults to the text encoder's final value, so
+    <lora:NAME:0.8> is 0.8 for both and <lora:NAME:1:te=0.5> is 0.5 for both, exactly as A1111 reads them."""
+    found = []
+
+    def take(match: re.Match) -> str:
+        if match[1] not in LORA_KINDS:
+            return match[0]
+        items = match[2].split(":")
+        positional = [item for item in items if "=" not in item]
+        named = dict(item.split("=", 1) for item in items if "=" in item)
+        if not positional or not positional[0]:
+            raise ValueError(f"{match[0]}: a LoRA tag needs a name")
+        try:
+            te = float(named.get("te", positional[1] if len(positional) > 1 else 1.0))
+            unet = float(named.get("unet", positional[2] if len(positional) > 2 else te))
+        except ValueError:
+            raise ValueError(f"{match[0]}: multipliers must be numbers") from None
+        found.append((positional[0], unet, te))
+        return ""
+
+    return _EXTRA_NETWORK.sub(take, prompt), found

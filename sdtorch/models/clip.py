@@ -63,9 +63,11 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)  # learned positions
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """token_embeds (B, L, D): token vectors to use instead of looking up input_ids' (textual inversion)."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L) -> (B, L, D)
+        tokens = self.token_embedding(input_ids) if token_embeds is None else token_embeds
+        return tokens + self.position_embedding(positions)  # (B, L) -> (B, L, D)
 
 
 class CLIPEncoder(nn.Module):
@@ -84,9 +86,10 @@ class CLIPTextModel(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1, token_embeds: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """clip_skip in A1111's numbering: 1 = last layer, 2 = penultimate layer; the final LayerNorm is applied to
-        whichever layer is returned, as A1111 does."""
+        whichever layer is returned, as A1111 does. token_embeds: see CLIPEmbeddings."""
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -96,7 +99,7 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got [{input_ids.min()}, {input_ids.max()}]")
         if not 1 <= clip_skip <= cfg.num_hidden_layers:
             raise ValueError(f"clip_skip must be in [1, {cfg.num_hidden_layers}], got {clip_skip}")
-        x = self.embeddings(input_ids)
+        x = self.embeddings(input_ids, token_embeds)
         for layer in self.encoder.layers[: cfg.num_hidden_layers - clip_skip + 1]:  # skipped layers never run
             x = layer(x)
         return self.final_layer_norm(x)

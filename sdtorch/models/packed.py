@@ -47,6 +47,11 @@ class _PackedForward:
         if self.plain or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
             return type(layer).forward(layer, x)
         if self.packed is None:
+            if not self.duplicates_ok and getattr(layer.weight, "unmapped", False):
+                # known to be ordinary memory (a LoRA-merged weight, sdtorch/lora.py): its pack would be a second
+                # copy, to be thrown away below; not made at all
+                self.plain = True
+                return type(layer).forward(layer, x)
             packed = self.pack(x)
             # the pack stays if the original's memory-mapped pages could be given back (the original is not read
             # again in the block): RAM then holds one copy of the weight, not two

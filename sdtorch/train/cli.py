@@ -8,6 +8,7 @@ the same command trains with DistributedDataParallel; --batch-size is the global
 import argparse
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from .data import Collate, TrainItems, TrainTransform, open_source, split_holdou
 from .engine import PRECISIONS, TrainConfig, train
 from .image_encoder import CLIPVisionConfig
 from .objectives import CLIPObjective, UNetObjective, VAEObjective, load_parts, use_gradient_checkpointing
+from .lora import LoraObjective
 from .shapes import TWO_SHAPES_PROB
 
 TINY = ModelConfig(
@@ -38,16 +40,18 @@ OBJECTIVE_DEFAULTS = {  # flags whose good value depends on what is trained
     "clip": dict(lr=5e-4, caption_dropout=0.0, ema_decay=0.0, weight_decay=0.1),
     "vae": dict(lr=2e-4, caption_dropout=0.0, ema_decay=0.0, weight_decay=0.0),
     "unet": dict(lr=2e-4, caption_dropout=0.1, ema_decay=0.999, weight_decay=0.01),
+    "lora": dict(lr=1e-4, caption_dropout=0.0, ema_decay=0.0, weight_decay=0.0),  # kohya's defaults
 }
 
 
 def add_train_parser(subparsers) -> None:
-    """Add `train clip|vae|unet` to the `sdtorch` command's subparsers."""
+    """Add `train clip|vae|unet|lora` to the `sdtorch` command's subparsers."""
     p = subparsers.add_parser("train", help="train CLIP, the VAE or the UNet (from scratch, or fine-tune)")
     kinds = p.add_subparsers(dest="objective", required=True)
     helps = {"clip": "contrastive text+image training of the text encoder (Radford et al. 2021)",
              "vae": "the autoencoder: reconstruction + KL; also measures the latent scale factor",
-             "unet": "the denoiser on VAE latents, conditioned on a frozen text encoder"}
+             "unet": "the denoiser on VAE latents, conditioned on a frozen text encoder",
+             "lora": "a LoRA for a frozen model (--init), written in kohya's format for A1111/ComfyUI/diffusers"}
     for kind, help_text in helps.items():
         k = kinds.add_parser(kind, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _add_common(k, kind)
@@ -80,6 +84,10 @@ def add_train_parser(subparsers) -> None:
                                 "captions (about 25 KB each at 64x64): for several epochs over a fixed pool")
             k.add_argument("--latent-noise", type=float, default=1.0, metavar="S",
                            help="latents are mean + S·std·noise of the VAE's posterior: use the VAE's own value")
+            if kind == "lora":
+                k.add_argument("--rank", type=int, default=16, help="the LoRA's rank (kohya's network_dim)")
+                k.add_argument("--alpha", type=float, default=8.0, help="its term is scaled by alpha/rank")
+                k.add_argument("--text-encoder", action="store_true", help="also train a LoRA of the text encoder")
 
 
 def _add_common(p: argparse.ArgumentParser, kind: str) -> None:
@@ -243,15 +251,36 @@ def build_objective(args) -> tuple[torch.nn.Module, Collate]:
         if state is not None:
             _load_state(objective.vae, state, "vae", args.init)
         return objective, Collate()
+    if args.objective == "lora" and not args.init:
+        raise ValueError("train lora needs --init MODEL: the model the LoRA is for")
     models = build_unet_models(args, settings)
     collate = text_collate(models.config)
     empty_ids = collate.tokenizer([""], max_length=collate.max_length)  # (1, L): the unconditional prompt
+    if args.objective == "lora":
+        objective = LoraObjective(models, empty_ids, args.rank, args.alpha, args.text_encoder,
+                                  min_snr_gamma=args.min_snr_gamma, zero_terminal_snr=args.zero_terminal_snr,
+                                  cache_items=args.cache_encodings, latent_noise=args.latent_noise)
+        objective.metadata.update(kohya_metadata(args))
+        return objective, collate
     objective = UNetObjective(models, empty_ids, args.min_snr_gamma, args.zero_terminal_snr, args.cache_encodings,
                               args.latent_noise)
     if args.grad_checkpointing:
         unet = models.unet
         use_gradient_checkpointing([*unet.input_blocks, unet.middle_block, *unet.output_blocks])
     return objective, collate
+
+
+def kohya_metadata(args) -> dict[str, str]:
+    """The ss_* entries kohya's train_network.py writes that a LoRA run knows before it starts."""
+    return {"ss_sd_model_name": Path(args.init).name, "ss_resolution": f"({args.resolution}, {args.resolution})",
+            "ss_learning_rate": str(args.lr), "ss_unet_lr": str(args.lr),
+            "ss_text_encoder_lr": str(args.lr) if args.text_encoder else "None", "ss_max_train_steps": str(args.steps),
+            "ss_steps": str(args.steps), "ss_batch_size_per_device": str(args.batch_size), "ss_seed": str(args.seed),
+            "ss_lr_scheduler": "cosine", "ss_lr_warmup_steps": str(args.warmup_steps),
+            "ss_optimizer": "torch.optim.adamw.AdamW", "ss_mixed_precision": {"fp32": "no"}.get(args.precision,
+                                                                                            args.precision),
+            "ss_clip_skip": "None", "ss_min_snr_gamma": str(args.min_snr_gamma),
+            "ss_training_started_at": str(time.time())}
 
 
 def train_config(args) -> TrainConfig:
@@ -274,6 +303,8 @@ def run_train(args) -> int:
     objective, collate = build_objective(args)
     source = open_source(args.data, args.data_size, args.resolution, args.seed, args.two_shapes)
     train_part, holdout_part = split_holdout(source, args.holdout, args.seed)
+    if hasattr(objective, "metadata"):
+        objective.metadata["ss_num_train_images"] = str(len(train_part))
     train_items = TrainItems(train_part, TrainTransform(args.resolution, args.random_crop, args.flip,
                                                         args.caption_dropout))
     holdout_items = TrainItems(holdout_part, TrainTransform(args.resolution))  # center crops, captions kept

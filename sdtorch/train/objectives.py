@@ -364,8 +364,7 @@ class UNetObjective(nn.Module):
             t = t.to(device)
             x_t = self.schedule.add_noise(x0, noise, t)
             target = self.schedule.training_target(x0, noise, t, self.prediction_type)
-            ids = batch["ids"]  # (B, L) -> context (B, L, D): the whole sequence, as at inference
-            context = self.text_cache(ids)[0] if self.text_cache else self.models.text_encoder(ids)
+        context = self.context(batch["ids"])  # (B, L) -> (B, L, D): the whole sequence, as at inference
         per_sample = (self.models.unet(x_t, t, context).float() - target).pow(2).flatten(1).mean(1)  # (B,)
         if self.min_snr_gamma is not None:
             alpha_bar = self.schedule.alphas_cumprod.to(device)[t]
@@ -373,6 +372,11 @@ class UNetObjective(nn.Module):
                                                      self.prediction_type)
         loss = per_sample.mean()
         return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def context(self, ids: torch.Tensor) -> torch.Tensor:
+        """The frozen text encoder's output for token ids (a LoRA trainer that trains it overrides this)."""
+        return self.text_cache(ids)[0] if self.text_cache else self.models.text_encoder(ids)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict]) -> dict:
