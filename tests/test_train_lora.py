@@ -92,8 +92,9 @@ def test_resume_continues_exactly(trained):
     """Checkpoints hold the LoRA pairs alone; a run stopped after step 2 and resumed ends where a straight run does."""
     tmp_path, _ = trained
     straight = _train(tmp_path, "straight", steps=3)
-    _train(tmp_path, "resumed", "--ckpt-every", "1", steps=2)
-    resumed = _train(tmp_path, "resumed", "--resume", "latest", steps=3)
+    _train(tmp_path, "resumed", "--ckpt-every", "1", "--keep-checkpoints", "3", steps=3)
+    step_2 = tmp_path / "resumed" / "checkpoints" / "step-00000002.pt"
+    resumed = _train(tmp_path, "resumed", "--resume", str(step_2), steps=3)  # step 3 again, from step 2's state
     checkpoint = torch.load(next((tmp_path / "resumed" / "checkpoints").glob("*.pt")), weights_only=True)
     assert all(k.startswith("lora.") for k in checkpoint["model"])
     with safe_open(str(straight), "pt") as a, safe_open(str(resumed), "pt") as b:
