@@ -24,10 +24,9 @@ class CLIError(Exception):
 
 
 # -- generate -------------------------------------------------------------------------------------------------------
-# width/height None: the model's native resolution (512 for SD 1.x, 64 for the built-in model)
-GENERATE_DEFAULTS = dict(negative="", steps=20, cfg=7.0, sampler="DPM++ 2M", schedule=None, seed=-1, width=None,
-                         height=None, batch=1, strength=None, clip_skip=1, rng=None, hires_scale=None,
-                         hires_steps=None, hires_upscaler=None, hires_strength=None)
+# the generation settings the options set; their defaults and checks are pipeline.Settings' (one source)
+SETTING_OPTIONS = ("prompt", "negative", "steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch",
+                   "strength", "clip_skip", "rng", "hires_scale", "hires_steps", "hires_upscaler", "hires_strength")
 HIRES_KEYS = ("hires_scale", "hires_resize", "hires_steps", "hires_upscaler", "hires_strength")
 
 
@@ -94,22 +93,30 @@ def pixel_count(text: str) -> int:
 
 
 def generation_settings(args) -> dict:
-    """CLI options, on top of the parameters of --from IMAGE.png, on top of the defaults."""
+    """The settings given: CLI options on top of the parameters of --from IMAGE.png. What neither gives is left out
+    (pipeline.Settings' default applies; `setting` reads it)."""
     from .metadata import params_to_kwargs, parse_parameters
 
-    settings = dict(GENERATE_DEFAULTS)
+    settings = {}
     if args.from_png:
         text = read_png_parameters(args.from_png)
         prompt, negative, params = parse_parameters(text)
         settings.update(prompt=prompt, negative=negative)
         settings.update(a1111_settings(params_to_kwargs(params)))
-    for key in list(GENERATE_DEFAULTS) + ["prompt"]:
+    for key in SETTING_OPTIONS:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
     if settings.get("prompt") is None:
         raise CLIError("a prompt is required (or --from IMAGE.png)")
     return settings
+
+
+def setting(s: dict, key: str):
+    """A generation setting: as given, else pipeline.Settings' default."""
+    from .pipeline import Settings
+
+    return s[key] if key in s else getattr(Settings(""), key)
 
 
 def a1111_settings(stored: dict) -> dict:
@@ -164,35 +171,16 @@ def check_embeddings_present(text: str, pipe) -> None:
 
 
 def validate_settings(s: dict, args) -> None:
-    """Check everything that can be checked before the (slow) model load."""
-    from .diffusion.samplers import parse_sampler_name, resolve_schedule
-    from .hires import resolve_upscaler
+    """Check everything that can be checked before the (slow) model load: pipeline.Settings' own checks, each
+    failure named by its option, and the CLI's."""
+    from .pipeline import SettingError, Settings
 
-    for name in ("width", "height"):
-        if s[name] is not None and (s[name] <= 0 or s[name] % 8):
-            raise CLIError(f"--{name} must be a positive multiple of 8, got {s[name]}")
-    if s["width"] is not None and s["height"] is not None:
+    try:
+        Settings(**s).validate(size_optional=True)
+    except SettingError as e:
+        raise CLIError(f"--{e.field.replace('_', '-')} {e.problem}") from None
+    if s.get("width") is not None and s.get("height") is not None:
         check_size(s["width"], s["height"], getattr(args, "max_pixels", DEFAULT_MAX_PIXELS))
-    if not math.isfinite(s["cfg"]):
-        raise CLIError(f"--cfg must be a finite number, got {s['cfg']}")
-    if s["steps"] < 1:
-        raise CLIError(f"--steps must be at least 1, got {s['steps']}")
-    if s["batch"] < 1:
-        raise CLIError(f"--batch must be at least 1, got {s['batch']}")
-    if s["strength"] is not None and not 0.0 <= s["strength"] <= 1.0:
-        raise CLIError(f"--strength must be in [0, 1], got {s['strength']}")
-    if s["clip_skip"] < 1:
-        raise CLIError(f"--clip-skip must be at least 1, got {s['clip_skip']}")
-    parse_sampler_name(s["sampler"])  # ValueError naming the closest sampler
-    resolve_schedule(s["schedule"])
-    if s.get("hires_upscaler") is not None:
-        resolve_upscaler(s["hires_upscaler"])  # ValueError naming the upscalers sdtorch has
-    if s.get("hires_strength") is not None and not 0.0 <= s["hires_strength"] <= 1.0:
-        raise CLIError(f"--hires-strength must be in [0, 1], got {s['hires_strength']}")
-    if s.get("hires_scale") is not None and s["hires_scale"] <= 0:
-        raise CLIError(f"--hires-scale must be positive, got {s['hires_scale']}")
-    if s.get("hires_steps") is not None and s["hires_steps"] < 0:
-        raise CLIError(f"--hires-steps must be at least 0, got {s['hires_steps']}")
     if args.mask and not args.init_image:
         raise CLIError("--mask needs --init-image")
 
@@ -295,14 +283,14 @@ def run_generate(args) -> int:
     init = open_image(args.init_image, "--init-image", args.max_pixels) if args.init_image else None
     mask = open_image(args.mask, "--mask", args.max_pixels) if args.mask else None
     if init is not None:  # img2img's size defaults to the init image's, rounded down to multiples of 8
-        check_size(s["width"] or init.width // 8 * 8, s["height"] or init.height // 8 * 8, args.max_pixels)
+        check_size(s.get("width") or init.width // 8 * 8, s.get("height") or init.height // 8 * 8, args.max_pixels)
     model = args.model or BUILTIN_MODEL
     if not Path(model).exists():
         raise CLIError(f"model not found: {model}" + ("" if args.model else " (the built-in model is not installed; "
                                                        "pass --model PATH)"))
-    if s["seed"] == -1:
-        s["seed"] = random.randrange(2 ** 32)
-    paths = output_paths(args.output, s["batch"], s["seed"])
+    if setting(s, "seed") == -1:
+        s["seed"] = random.randrange(2 ** 32)  # drawn here: the output names carry it
+    paths = output_paths(args.output, setting(s, "batch"), s["seed"])
     if args.attention_maps and Path(args.attention_maps).suffix.lower() != ".png":
         raise CLIError(f"--attention-maps writes a .png file, got {args.attention_maps}")
 
@@ -313,12 +301,11 @@ def run_generate(args) -> int:
                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     pipe.batch_exact = args.exact_batch
     if init is None:
-        check_size(s["width"] or pipe.config.resolution, s["height"] or pipe.config.resolution, args.max_pixels)
+        check_size(s.get("width") or pipe.config.resolution, s.get("height") or pipe.config.resolution,
+                   args.max_pixels)
     if args.from_png:
         check_embeddings_present(read_png_parameters(args.from_png), pipe)
-    prompt, negative = s.pop("prompt"), s.pop("negative")
-    strength = s.pop("strength")
-    s = {k: v for k, v in s.items() if v is not None or k in ("width", "height", "schedule")}  # None: the default
+    prompt, negative, strength = s.pop("prompt"), s.pop("negative", ""), s.pop("strength", None)
     if args.img2img_fix_steps:
         s["img2img_fix_steps"] = True
     if init is not None:  # hires fix is a txt2img pass
@@ -337,7 +324,7 @@ def run_generate(args) -> int:
     recording = contextlib.ExitStack()
     if args.attention_maps:
         from .attention_maps import record_cross_attention
-        record = recording.enter_context(record_cross_attention(pipe.unet, images=s["batch"]))
+        record = recording.enter_context(record_cross_attention(pipe.unet, images=setting(s, "batch")))
     start = time.perf_counter()
     try:
         if mask is not None:

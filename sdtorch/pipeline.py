@@ -10,7 +10,7 @@ import contextlib
 import math
 import random
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -92,41 +92,63 @@ class Settings:
     hires_upscaler: str = "Latent"
     hires_strength: float = 0.7
     loras: dict | None = None  # {name or path: w, or {"unet": w, "te": w}}: written into the prompt as <lora:...> tags
-    extra: dict = field(default_factory=dict)
+    # A1111's "Lora hashes" and "TI hashes" texts of the files a generation used: filled in the resolved copy of the
+    # settings that a run returns (see Pipeline.run_resolved), never by the caller
+    hashes: dict[str, str] = field(default_factory=dict)
 
     @property
     def hires(self) -> bool:
         return self.hires_scale is not None or bool(self.hires_resize)
 
-    def validate(self) -> None:
+    def validate(self, size_optional: bool = False) -> None:
+        """Check every field; a SettingError names the field. `size_optional`: width/height None is allowed (the
+        model's resolution, known once it is loaded). Nothing is changed: `resolved` fills in what is left open."""
         for name in ("width", "height"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0 or v % 8:
-                raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
+            if not (v is None and size_optional) and (not isinstance(v, int) or v <= 0 or v % 8):
+                raise SettingError(name, f"must be a positive multiple of 8, got {v}")
         if not isinstance(self.cfg, (int, float)) or not math.isfinite(self.cfg):
-            raise ValueError(f"cfg must be a finite number, got {self.cfg}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not isinstance(self.batch, int) or self.batch < 1:
-            raise ValueError(f"batch must be >= 1, got {self.batch}")
+            raise SettingError("cfg", f"must be a finite number, got {self.cfg}")
+        for name in ("steps", "batch", "clip_skip"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise SettingError(name, f"must be at least 1, got {v}")
         if self.strength is not None and not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {self.strength}")
-        if self.clip_skip < 1:
-            raise ValueError(f"clip_skip must be >= 1, got {self.clip_skip}")
+            raise SettingError("strength", f"must be in [0, 1], got {self.strength}")
         if not -1 <= self.seed < 2 ** 63:
-            raise ValueError(f"seed must be -1 (random) or a non-negative integer, got {self.seed}")
-        self.rng = resolve_rng(self.rng)
+            raise SettingError("seed", f"must be -1 (random) or a non-negative integer, got {self.seed}")
+        resolve_rng(self.rng)  # ValueError naming the choices
         if self.convention not in CONVENTIONS:
-            raise ValueError(f"unknown convention {self.convention!r}; choose from {', '.join(CONVENTIONS)}")
+            raise SettingError("convention", f"must be one of {', '.join(CONVENTIONS)}, got {self.convention!r}")
+        parse_sampler_name(self.sampler)  # ValueError naming the closest sampler
         resolve_schedule(self.schedule)  # ValueError naming the closest schedule
-        if self.hires:
-            self.hires_upscaler = hires.resolve_upscaler(self.hires_upscaler)
-            if self.hires_scale is not None and not self.hires_resize and self.hires_scale <= 0:
-                raise ValueError(f"hires_scale must be positive, got {self.hires_scale}")
-            if not 0.0 <= self.hires_strength <= 1.0:
-                raise ValueError(f"hires_strength must be in [0, 1], got {self.hires_strength}")
-            if not isinstance(self.hires_steps, int) or self.hires_steps < 0:
-                raise ValueError(f"hires_steps must be >= 0, got {self.hires_steps}")
+        hires.resolve_upscaler(self.hires_upscaler)  # ValueError naming the upscalers sdtorch has
+        if self.hires_scale is not None and not self.hires_resize and self.hires_scale <= 0:
+            raise SettingError("hires_scale", f"must be positive, got {self.hires_scale}")
+        if not 0.0 <= self.hires_strength <= 1.0:
+            raise SettingError("hires_strength", f"must be in [0, 1], got {self.hires_strength}")
+        if not isinstance(self.hires_steps, int) or self.hires_steps < 0:
+            raise SettingError("hires_steps", f"must be at least 0, got {self.hires_steps}")
+
+    def resolved(self, resolution: int) -> Settings:
+        """A validated copy with nothing left open: the size (the model's `resolution` by default), a drawn seed
+        for -1, the canonical RNG and upscaler names, and `loras` written into the prompt as <lora:...> tags (so
+        the image's metadata regenerates it)."""
+        self.validate(size_optional=True)
+        prompt = self.prompt + "".join(_lora_tag(name, value) for name, value in (self.loras or {}).items())
+        return replace(self, prompt=prompt, loras=None, hashes={},
+                       width=resolution if self.width is None else self.width,
+                       height=resolution if self.height is None else self.height,
+                       seed=random.randrange(2 ** 32) if self.seed == -1 else self.seed,
+                       rng=resolve_rng(self.rng), hires_upscaler=hires.resolve_upscaler(self.hires_upscaler))
+
+
+class SettingError(ValueError):
+    """A generation setting out of range; `field` names it (the CLI shows it as --field, the server as A1111's)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
 
 
 class Pipeline:
@@ -254,35 +276,37 @@ class Pipeline:
     # -- the shared engine --------------------------------------------------------------------------------------
     def generate(self, s: Settings, *, init_image=None, **kwargs) -> list[Image.Image]:
         """Run and return PIL images carrying A1111 "parameters" metadata (seed -1 replaced by the seed used)."""
-        pixels = self.run(s, init_image=init_image, **kwargs)
+        pixels, s = self.run_resolved(s, init_image=init_image, **kwargs)
         # image k's own seed is s + k (A1111 writes it so): its parameters regenerate it alone
         return [png_with_parameters(im, format_parameters(s.prompt, s.negative,
                                                           self.infotext_params(s, init_image is not None, k)))
                 for k, im in enumerate(imgs.tensor_to_pil(pixels))]
 
     def run(self, s: Settings, **kwargs) -> torch.Tensor:
-        """The whole generation; returns (B, 3, H, W) pixels in [-1, 1]."""
+        """The whole generation; returns (B, 3, H, W) pixels in [-1, 1]. `s` itself is left as it is."""
+        return self.run_resolved(s, **kwargs)[0]
+
+    def run_resolved(self, s: Settings, **kwargs) -> tuple[torch.Tensor, Settings]:
+        """(pixels, the settings they were made with): `s` resolved (size, seed; Settings.resolved) plus the hashes
+        of the LoRA and embedding files used, what the images' metadata is written from."""
+        s = s.resolved(self.config.resolution)
         with self._generation() as stop:
             pixels = self._run(s, stop, **kwargs)
             if stop.is_set():  # interrupted after the last step: the images are not what was asked to finish
                 raise GenerationInterrupted("interrupted after the last step")
-            return pixels
+            return pixels, s
 
     def _run(self, s: Settings, stop: threading.Event, *, init_image=None, mask=None, mask_blur: int = 4,
-             resize_mode=0, callback=None, tiled_vae: bool | None = None, **_ignored) -> torch.Tensor:
-        s.width = self.config.resolution if s.width is None else s.width
-        s.height = self.config.resolution if s.height is None else s.height
-        s.validate()
+             resize_mode=0, callback=None, tiled_vae: bool | None = None) -> torch.Tensor:
+        """The generation on resolved settings `s` (whose `hashes` it fills)."""
         sampler, schedule_name = self.sampler_and_schedule(s)
-        if s.seed == -1:
-            s.seed = random.randrange(2 ** 32)  # reported back in the images' metadata
         h, w = s.height // 8, s.width // 8
         auto_tile = tiled_vae is None
         if auto_tile:
             tiled_vae = s.width * s.height > TILE_ABOVE_PIXELS
 
         prompt, negative = self.use_networks(s)
-        cond, uncond = self.encode_prompts(prompt, negative, s.clip_skip, s.extra)
+        cond, uncond = self.encode_prompts(prompt, negative, s.clip_skip, s.hashes)
         cond, uncond = cond.expand(s.batch, -1, -1), uncond.expand(s.batch, -1, -1)
         self._done_with(self.text_encoder)
 
@@ -360,31 +384,28 @@ class Pipeline:
         sampler, named_schedule = parse_sampler_name(s.sampler)
         return sampler, resolve_schedule(s.schedule) or named_schedule
 
-    def encode_prompts(self, prompt: str, negative: str, clip_skip: int, extra: dict | None = None):
+    def encode_prompts(self, prompt: str, negative: str, clip_skip: int, hashes: dict | None = None):
         """Both prompts' contexts; with an embeddings folder, its names in the prompts become their vectors (and
-        `extra` gets A1111's "TI hashes" of those used)."""
+        `hashes` gets A1111's "TI hashes" of those used)."""
         matcher = None
         if self.embeddings.files():
             matcher = EmbeddingMatcher(self.embeddings, self.tokenizer, self.config.clip.hidden_size)
         pair = encode_prompt_pair(self.text_encoder, self.tokenizer, prompt, negative, clip_skip=clip_skip,
                                   embeddings=matcher)
-        if extra is not None:
-            extra["TI hashes"] = _hash_list({name: e.short_hash for name, e in matcher.used.items()} if matcher
+        if hashes is not None:
+            hashes["TI hashes"] = _hash_list({name: e.short_hash for name, e in matcher.used.items()} if matcher
                                             else {})
         return pair
 
     def use_networks(self, s: Settings) -> tuple[str, str]:
-        """Take the <lora:...> tags out of both prompts (s.loras first becomes tags of the prompt, so the metadata
-        regenerates the image) and merge exactly those LoRAs into the weights; none restores the base weights.
-        Returns the prompts without tags; s.extra gets A1111's "Lora hashes"."""
-        if s.loras:
-            s.prompt += "".join(_lora_tag(name, value) for name, value in s.loras.items())
-            s.loras = None
+        """Take the <lora:...> tags out of both prompts of resolved settings `s` and merge exactly those LoRAs into
+        the weights; none restores the base weights. Returns the prompts without tags; s.hashes gets A1111's
+        "Lora hashes"."""
         prompt, tags = extract_lora_tags(s.prompt)
         negative, negative_tags = extract_lora_tags(s.negative)  # A1111 applies a LoRA named there too
         networks = [(self.network(name), unet, te) for name, unet, te in tags + negative_tags]
         self.networks.set(networks)
-        s.extra["Lora hashes"] = _hash_list({name: network.short_hash for (name, _, _), (network, _, _)
+        s.hashes["Lora hashes"] = _hash_list({name: network.short_hash for (name, _, _), (network, _, _)
                                              in zip(tags + negative_tags, networks, strict=True)})
         return prompt, negative
 
@@ -447,7 +468,7 @@ class Pipeline:
             "Hires resize": f"{s.hires_resize[0]}x{s.hires_resize[1]}" if hires_pass and s.hires_resize else None,
             "Hires steps": (s.hires_steps or None) if hires_pass else None,
             "Hires upscaler": s.hires_upscaler if hires_pass else None,
-            "TI hashes": s.extra.get("TI hashes"), "Lora hashes": s.extra.get("Lora hashes"),
+            "TI hashes": s.hashes.get("TI hashes"), "Lora hashes": s.hashes.get("Lora hashes"),
         }
 
 

@@ -1,5 +1,6 @@
 """`sdtorch generate --from` on A1111's texts, and the hires fix (issue 18, points 6–8): A1111's settings in, A1111's
 σs and noise out, on the tiny random model."""
+from collections import defaultdict
 import re
 
 import pytest
@@ -32,7 +33,9 @@ def pipe():
 def settings_from(tmp_path, text, *extra):
     path = tmp_path / "a1111.png"
     save_png(Image.new("RGB", (8, 8)), path, text)
-    return generation_settings(build_parser().parse_args(["generate", "--from", str(path), *extra]))
+    # the settings given (by the PNG and the options); one not given reads as None (the pipeline's default applies)
+    return defaultdict(lambda: None, generation_settings(build_parser().parse_args(["generate", "--from", str(path),
+                                                                                  *extra])))
 
 
 def a1111_sigmas(sampler, label, steps, schedule):
@@ -63,8 +66,8 @@ def test_from_reads_every_label_and_sampler_as_a1111_runs_them(tmp_path, pipe, s
 def test_from_runs_with_a1111s_gpu_noise(tmp_path, pipe, monkeypatch, sampler):
     calls = record_sample_calls(monkeypatch)
     s = settings_from(tmp_path, f"a cat\nSteps: 3, Sampler: {sampler}, CFG scale: 7, Seed: 4, Size: 32x24")
-    prompt, negative = s.pop("prompt"), s.pop("negative")
-    s.pop("strength")
+    prompt, negative = s.pop("prompt"), s.pop("negative", "")
+    s.pop("strength", None)
     images = pipe.txt2img(prompt, negative, **{k: v for k, v in s.items() if v is not None or k == "schedule"})
     assert images[0].size == (32, 24) and "RNG: NV" in images[0].info["parameters"]
     rng = calls[0]["rng"]
