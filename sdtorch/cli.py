@@ -227,6 +227,7 @@ def describe_model(path: Path) -> dict:
 
     from .checkpoint import FAMILY_NAMES, detect_family, detect_format, load_checkpoint
     from .checkpoint.formats import read_tensor_file
+    from .checkpoint.load import SUPPORTED_FAMILIES
 
     fmt = detect_format(path)
     info = {"file": str(path), "format": fmt}
@@ -238,14 +239,15 @@ def describe_model(path: Path) -> dict:
                              if t.dtype.is_floating_point})
         family = detect_family(tensors)
         info["family"] = FAMILY_NAMES[family]
-        if family != "sd1":
+        if family not in SUPPORTED_FAMILIES:
             info["tensors"] = len(tensors)
-            info["supported"] = "no (sdtorch loads SD 1.x models)"
+            info["supported"] = f"no (sdtorch loads {', '.join(FAMILY_NAMES[f] for f in SUPPORTED_FAMILIES)} models)"
             return info
     loaded = load_checkpoint(path)
     models = loaded.models
     info["family"] = FAMILY_NAMES[loaded.config.family]
     info["prediction type"] = loaded.config.prediction_type
+    info["default size"] = f"{loaded.config.resolution}x{loaded.config.resolution}"
     info["inpainting"] = "yes (9-channel UNet)" if loaded.config.unet.in_channels == 9 else "no"
     for part in ("unet", "vae", "text_encoder"):
         info[f"{part} parameters"] = f"{sum(p.numel() for p in getattr(models, part).parameters()):,}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from . import conditioning
 from . import images as imgs
 from . import memory
 from .config import ModelConfig
@@ -23,7 +24,6 @@ from .diffusion.schedule import DiscreteSchedule
 from .metadata import format_parameters, png_with_parameters
 from .models import StableDiffusionModels
 from .models.packed import packed_weights
-from .prompts import encode_prompt_pair
 from .tiling import decode_tiled, encode_tiled
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -98,6 +98,11 @@ class Settings:
     strength: float | None = None  # img2img/inpaint only
     guidance_rescale: float = 0.0
     eta: float | None = None  # DDIM η / ancestral noise scale, None = the sampler's default
+    # SDXL's size conditioning (Podell et al. 2023, sec. 2.2), as diffusers names them: original_size and
+    # target_size (height, width), None = the image's; crop_top_left (top, left)
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -229,8 +234,7 @@ class Pipeline:
         if tiled_vae is None:
             tiled_vae = s.width * s.height > TILE_ABOVE_PIXELS
 
-        cond, uncond = self.encode_prompts(s.prompt, s.negative, s.clip_skip)
-        cond, uncond = cond.expand(s.batch, -1, -1), uncond.expand(s.batch, -1, -1)
+        conditions = self.conditioning(s)
         self._done_with(self.text_encoder)
 
         # A1111's DDIM/PLMS (CompVis) walk the "leading" timesteps of SD's scheduler config; k-diffusion samplers
@@ -268,8 +272,10 @@ class Pipeline:
         x = noise * start if x0_latent is None else x0_latent + noise * sigmas[0]
         denoiser = CFGDenoiser(self.unet, self.schedule, self.config.prediction_type)
         model = denoiser if latent_mask is None else _BlendDenoiser(denoiser, x0_latent, noise, latent_mask)
-        extra_args = {"cond": cond.to(self.device), "uncond": uncond.to(self.device) if s.cfg != 1 else None,
-                      "cfg_scale": s.cfg, "guidance_rescale": s.guidance_rescale}
+        extra_args = {**conditions.denoiser_args(s.batch, self.device), "cfg_scale": s.cfg,
+                      "guidance_rescale": s.guidance_rescale}
+        if s.cfg == 1:
+            extra_args["uncond"] = None
         if c_concat is not None:
             extra_args["c_concat"] = c_concat.to(self.device)
         total = len(sigmas) - 1
@@ -310,7 +316,15 @@ class Pipeline:
         return sampler, s.schedule or named_schedule or sampler.default_schedule
 
     def encode_prompts(self, prompt: str, negative: str, clip_skip: int):
-        return encode_prompt_pair(self.text_encoder, self.tokenizer, prompt, negative, clip_skip=clip_skip)
+        """The text contexts (cond, uncond), each (1, 77·k, D)."""
+        c = self.conditioning(Settings(prompt, negative, clip_skip=clip_skip, width=self.config.resolution,
+                                       height=self.config.resolution))
+        return c.cond, c.uncond
+
+    def conditioning(self, s: Settings) -> conditioning.Conditioning:
+        """Everything the UNet is conditioned on, as the model's family does it (sdtorch/conditioning.py)."""
+        return conditioning.encode_prompts(self.models, conditioning.tokenizers(self.config, self.tokenizer),
+                                           self.config, s.prompt, s.negative, s.clip_skip, conditioning.sdxl_sizes(s))
 
     @staticmethod
     def _vae_input(x: torch.Tensor) -> torch.Tensor:
@@ -373,7 +387,7 @@ class _BlendDenoiser:
 
 
 _SETTINGS_FIELDS = {"steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch", "clip_skip",
-                    "guidance_rescale", "eta"}
+                    "guidance_rescale", "eta", "original_size", "crop_top_left", "target_size"}
 
 
 def _settings_kwargs(kwargs: dict) -> dict:

@@ -288,10 +288,9 @@ def test_detect_family_from_keys(state):
 
 
 def test_other_families_are_refused_by_name(tmp_path):
-    sd2 = marker_file(tmp_path / "sd2.safetensors", ["model.diffusion_model.input_blocks.0.0.weight",
-                                                     "cond_stage_model.model.transformer.resblocks.0.ln_1.weight"])
-    with pytest.raises(UnsupportedModelError, match="not supported yet: SD 2.x"):
-        load_checkpoint(sd2)
+    sd3 = marker_file(tmp_path / "sd3.safetensors", ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"])
+    with pytest.raises(UnsupportedModelError, match="not supported yet: SD 3"):
+        load_checkpoint(sd3)
     sdxl = marker_file(tmp_path / "sdxl.safetensors", ["model.diffusion_model.input_blocks.0.0.weight",
                                                        "conditioner.embedders.0.transformer.text_model.x"])
     with pytest.raises(UnsupportedModelError, match="not supported yet: SDXL"):

@@ -3,6 +3,7 @@
 A folder holds model_index.json and one subfolder per part: unet/ vae/ text_encoder/ (config.json + weights),
 tokenizer/ (vocab.json, merges.txt) and scheduler/ (scheduler_config.json, where the prediction type lives).
 """
+import dataclasses
 import json
 import shutil
 from contextlib import ExitStack
@@ -12,7 +13,8 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..models.stable_diffusion import PREFIXES, StableDiffusionModels
+from ..models.clip import CLIPEncoderLayer
+from ..models.stable_diffusion import PREFIXES, StableDiffusionModels, text_encoder_prefixes
 from ..tokenizer import CLIPTokenizer
 from . import diffusers_configs as configs
 from .diffusers_keys import from_diffusers, to_diffusers, unet_rules, vae_rules
@@ -42,7 +44,7 @@ def read_json(path: Path) -> dict:
 
 
 def read_diffusers_folder(folder: Path, files: ExitStack, prefer_fp16: bool = False) -> DiffusersFolder:
-    """Configs and lazy weights of an SD 1.x diffusers folder, keys converted to the original layout."""
+    """Configs and lazy weights of an SD 1.x/2.x diffusers folder, keys converted to the original layout."""
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     pipeline = index.get("_class_name", "StableDiffusionPipeline")
     if "text_encoder_2" in index or "XL" in pipeline:
@@ -50,22 +52,51 @@ def read_diffusers_folder(folder: Path, files: ExitStack, prefer_fp16: bool = Fa
     if pipeline not in SD1_PIPELINES:
         raise UnsupportedModelError(f"{folder}: not supported yet: a {pipeline}")
     unet = configs.unet_from_diffusers(read_json(folder / "unet" / "config.json"), f"{folder}/unet")
-    if unet.context_dim == 1024:
-        raise UnsupportedModelError(f"{folder}: not supported yet: SD 2.x (1024-wide text context)")
     vae = configs.vae_from_diffusers(read_json(folder / "vae" / "config.json"), f"{folder}/vae")
     clip = configs.clip_from_transformers(read_json(folder / "text_encoder" / "config.json"))
+    # OpenAI's CLIP (SD 1.x) was trained with quick GELU, OpenCLIP's ViT-H (SD 2.x) with exact GELU
+    family = "sd2" if clip.hidden_act == "gelu" else "sd1"
+    if family == "sd2":  # see sd2_identity_layer
+        clip = dataclasses.replace(clip, num_hidden_layers=clip.num_hidden_layers + 1)
     scheduler = folder / "scheduler" / "scheduler_config.json"
     prediction_type = read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
     tokenizer = read_tokenizer(folder / "tokenizer", clip.max_position_embeddings)
     pad = None if tokenizer.pad_token_id == tokenizer.eos_token_id else tokenizer.pad_token_id
-    config = ModelConfig(family="sd1", unet=unet, vae=vae, clip=clip, prediction_type=prediction_type,
+    config = ModelConfig(family=family, unet=unet, vae=vae, clip=clip, prediction_type=prediction_type,
                          clip_pad_token_id=pad)
 
     tensors = {}
+    text_prefix = text_encoder_prefixes(family)[0][0]
     for part, rules in (("unet", unet_rules(unet)), ("vae", vae_rules(vae)), ("text_encoder", None)):
         weights = read_part_weights(folder / part, WEIGHT_NAMES[part], files, prefer_fp16)
-        tensors.update(part_from_diffusers(part, weights, rules, f"{folder}/{part}"))
+        tensors.update(part_from_diffusers(part, weights, rules, f"{folder}/{part}",
+                                           text_prefix if part == "text_encoder" else None))
+    if family == "sd2":
+        tensors.update(sd2_identity_layer(text_prefix, clip))
     return DiffusersFolder(tensors, config, tokenizer)
+
+
+def sd2_identity_layer(prefix: str, clip) -> dict[str, TensorRef]:
+    """SD 2.x conditions on ViT-H's penultimate layer. Its single files keep all 24 layers (the 24th never runs);
+    diffusers' folders drop the 24th and use the last of 23. Loaded, every SD 2.x model is the single file's: a
+    folder's tower gets a 24th layer of zeros, which is the identity (a residual layer whose branches output 0) and
+    is never run anyway; written as a folder, the tower loses its last layer again (part_to_diffusers)."""
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in CLIPEncoderLayer(clip).state_dict().items()}
+    last = clip.num_hidden_layers - 1
+    return {f"{prefix}encoder.layers.{last}.{name}": TensorRef(shape, torch.float32, _zeros(shape))
+            for name, shape in shapes.items()}
+
+
+def _zeros(shape: tuple[int, ...]):
+    return lambda dtype, device: torch.zeros(shape, dtype=dtype, device=device)
+
+
+def diffusers_clip(config: ModelConfig):
+    """The text encoder's config as a diffusers folder holds it: SD 2.x's without its unused last layer."""
+    if config.family != "sd2":
+        return config.clip
+    return dataclasses.replace(config.clip, num_hidden_layers=config.clip.num_hidden_layers - 1, projection_dim=None)
 
 
 def read_tokenizer(folder: Path, max_length: int) -> CLIPTokenizer:
@@ -104,8 +135,9 @@ def read_part_weights(sub: Path, names: tuple[str, ...], files: ExitStack, prefe
     raise CheckpointError(f"{sub}: no weights ({' or '.join(n + '.safetensors' for n in names)})")
 
 
-def part_from_diffusers(part: str, weights: dict[str, TensorRef], rules, where: str) -> dict[str, TensorRef]:
-    """One part's tensors under the original checkpoint's keys (with PREFIXES[part])."""
+def part_from_diffusers(part: str, weights: dict[str, TensorRef], rules, where: str,
+                        prefix: str | None = None) -> dict[str, TensorRef]:
+    """One part's tensors under the original checkpoint's keys (with `prefix`, by default PREFIXES[part])."""
     out, unclaimed = {}, []
     for key, ref in weights.items():
         if rules is None:  # CLIP: same names, under an optional text_model. prefix
@@ -115,7 +147,7 @@ def part_from_diffusers(part: str, weights: dict[str, TensorRef], rules, where: 
         if original is None:
             unclaimed.append(key)
         else:
-            out[PREFIXES[part] + original] = ref
+            out[(prefix or PREFIXES[part]) + original] = ref
     if unclaimed:
         raise KeyMismatchError(f"{where}: keys that no {part} block has: {name_some(unclaimed)}")
     return out
@@ -151,7 +183,7 @@ def write_diffusers_configs(config: ModelConfig, tokenizer: CLIPTokenizer, folde
              "unet/config.json": configs.unet_to_diffusers(config.unet),
              "vae/config.json": configs.vae_to_diffusers(config.vae),
              "text_encoder/config.json": configs.clip_to_transformers(
-                 config.clip, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id),
+                 diffusers_clip(config), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id),
              "scheduler/scheduler_config.json": configs.scheduler_config(config.prediction_type)}
     for name, content in jsons.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +193,10 @@ def write_diffusers_configs(config: ModelConfig, tokenizer: CLIPTokenizer, folde
 
 def part_to_diffusers(part: str, state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     if part == "text_encoder":
-        return {CLIP_PREFIX + k: t for k, t in state.items()}
+        clip = diffusers_clip(config)
+        dropped = (f"encoder.layers.{clip.num_hidden_layers}.", "text_projection.")  # SD 2.x: see sd2_identity_layer
+        return {CLIP_PREFIX + k: t for k, t in state.items()
+                if config.family != "sd2" or not k.startswith(dropped)}
     rules = unet_rules(config.unet) if part == "unet" else vae_rules(config.vae)
     out = {}
     for key, t in state.items():

@@ -1,0 +1,218 @@
+"""SD 2.x (and SDXL): the other families as configurations of the same modules, against transformers/diffusers.
+
+Tiny random models with each family's topology: OpenCLIP towers (GELU, projection, penultimate layer), 64-wide UNet
+heads with linear projections, v-prediction. Weights reach the references through diffusers' own single-file
+converters or through folders we write, so our key rules are checked against theirs as well.
+"""
+import pytest
+import torch
+
+from reference import max_rel_err, randomize_
+from sdtorch.checkpoint import convert, load_checkpoint, save_checkpoint
+from sdtorch.checkpoint.infer import sd2_predicts_v
+from sdtorch.config import SD2, SD2_768_V, CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+from sdtorch.models import StableDiffusionModels
+from sdtorch.pipeline import Pipeline, Settings, seed_noise
+from sdtorch.tokenizer import CLIPTokenizer
+
+PROMPT, NEGATIVE = "a red circle on a blue background", "blurry"
+
+# SD 2.x's topology at small widths: 64-wide UNet heads (1 and 2 of them), linear projections, an OpenCLIP tower of
+# 3 GELU layers (one 64-wide head) with its projection, SD's VAE with 2 levels. Head widths and norm groups are the
+# family's, so that a bare file's shapes imply exactly this config.
+TINY_SD2 = ModelConfig(
+    family="sd2", prediction_type="v_prediction", clip_pad_token_id=0, resolution=768,
+    unet=UNetConfig(model_channels=64, channel_mult=(1, 2), attention_resolutions=(1, 2), num_head_channels=64,
+                    context_dim=64, use_linear_in_transformer=True),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    clip=CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=1,
+                        hidden_act="gelu", projection_dim=64))
+
+
+def to_unit(pixels):
+    return (pixels / 2 + 0.5).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def sd2_models():
+    return randomize_(StableDiffusionModels(TINY_SD2), seed=4).eval()
+
+
+@pytest.fixture(scope="module")
+def sd2_file(sd2_models, tmp_path_factory):
+    return save_checkpoint(sd2_models, tmp_path_factory.mktemp("sd2") / "sd2.safetensors")
+
+
+def test_sd2_single_file_has_openclip_keys(sd2_file):
+    from safetensors import safe_open
+
+    with safe_open(sd2_file, "pt") as f:
+        keys = set(f.keys())
+    prefix = "cond_stage_model.model."
+    assert {prefix + k for k in ("positional_embedding", "token_embedding.weight", "ln_final.weight",
+                                 "text_projection", "transformer.resblocks.2.attn.in_proj_weight",
+                                 "transformer.resblocks.2.attn.in_proj_bias", "transformer.resblocks.0.mlp.c_fc.bias",
+                                 "transformer.resblocks.0.ln_1.weight")} <= keys
+    assert not any(k.startswith("cond_stage_model.transformer") or "q_proj" in k for k in keys)
+
+
+def test_openclip_tower_equals_transformers_through_diffusers_converter(sd2_models, sd2_file):
+    """diffusers' convert_open_clip_checkpoint (fused in_proj split, text_projection transposed) takes our file's
+    tower into transformers' CLIPTextModelWithProjection; SD 2.x uses the penultimate layer, final LayerNorm applied."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig as HFConfig
+    from transformers import CLIPTextModelWithProjection
+
+    c = TINY_SD2.clip
+    ref = CLIPTextModelWithProjection(HFConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads, hidden_act="gelu",
+        projection_dim=c.projection_dim, attn_implementation="eager")).eval()
+    file = load_file(sd2_file)
+    state = convert_open_clip_checkpoint(ref, file)
+    # diffusers drops SD 2's projection (unused there); OpenCLIP applies it as x @ P, a Linear of weight Pᵀ
+    state["text_projection.weight"] = file["cond_stage_model.model.text_projection"].t()
+    ref.load_state_dict(state, strict=False)
+    assert not {k for k in ref.state_dict() if "position_ids" not in k} - state.keys()
+    ids = CLIPTokenizer.default(pad_token_id=0)(["a photo of a cat", "an astronaut riding a horse"])
+    with torch.no_grad():
+        out = ref(ids, output_hidden_states=True)
+        penultimate = ref.text_model.final_layer_norm(out.hidden_states[-2])
+        tower = sd2_models.text_encoder
+        assert max_rel_err(tower(ids, clip_skip=2), penultimate) < 1e-5
+        _, pooled = tower.hidden_and_pooled(ids)
+        assert max_rel_err(pooled, out.text_embeds) < 1e-5
+
+
+def test_sd2_file_loads_back_bit_exact_and_is_sd2(sd2_models, sd2_file):
+    loaded = load_checkpoint(sd2_file)
+    assert loaded.config == TINY_SD2
+    for k, v in sd2_models.state_dict().items():
+        assert torch.equal(loaded.models.state_dict()[k], v), k
+
+
+def test_sd2_shapes_imply_the_config_and_the_parameterization_is_tested(tmp_path, sd2_models):
+    """A bare SD 2.x file (no header): sizes from shapes, 64-wide UNet heads, pad 0; v or ε from A1111's test."""
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(save_checkpoint(sd2_models, tmp_path / "full.safetensors")), bare)  # header dropped
+    loaded = load_checkpoint(bare)
+    assert loaded.config.family == "sd2" and loaded.config.unet.num_head_channels == 64
+    assert loaded.config.clip == TINY_SD2.clip and loaded.config.clip_pad_token_id == 0
+    v = sd2_predicts_v(loaded.models.unet)
+    assert loaded.config.prediction_type == ("v_prediction" if v else "epsilon")
+    assert loaded.config.resolution == (768 if v else 512)
+    bare.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    assert load_checkpoint(bare).config.prediction_type == "v_prediction"  # the sidecar wins
+
+
+def test_a1111_v_test_reads_the_output_at_t_999():
+    """v ≈ -x at the last timestep: an output below the input by more than 1 means v (modules/sd_models_config.py)."""
+    unet = StableDiffusionModels(TINY_SD2).unet.eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.zero_()
+        assert not sd2_predicts_v(unet)  # output 0, input 0.5: -0.5
+        unet.out[2].bias.fill_(-2.0)
+        assert sd2_predicts_v(unet)  # -2.5
+
+
+@pytest.fixture(scope="module")
+def sd2_folder(sd2_file, tmp_path_factory):
+    return convert(sd2_file, tmp_path_factory.mktemp("sd2dir") / "folder", to_diffusers=True)
+
+
+def euler(prediction_type):
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  prediction_type=prediction_type, timestep_spacing="linspace")
+
+
+@torch.no_grad()
+def test_sd2_txt2img_equals_diffusers_on_our_folder(sd2_file, sd2_folder):
+    from diffusers import StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline.from_pretrained(sd2_folder, local_files_only=True)
+    assert ref.text_encoder.config.num_hidden_layers == 2  # the penultimate layer is diffusers' last
+    ref.scheduler = euler("v_prediction")
+    ref.set_progress_bar_config(disable=True)
+    s = Settings(PROMPT, NEGATIVE, steps=4, cfg=7.5, sampler="Euler", seed=3, width=48, height=32)
+    theirs = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.5, height=32, width=48,
+                 latents=seed_noise(3, 1, (4, 4, 6)), output_type="pt").images
+    for path in (sd2_file, sd2_folder):  # the single file, and the folder read back (a zero 3rd layer added)
+        loaded = load_checkpoint(path)
+        assert loaded.config.family == "sd2" and loaded.config.prediction_type == "v_prediction"
+        pipe = Pipeline(loaded.models, loaded.tokenizer, loaded.config, device="cpu")
+        assert (to_unit(pipe.run(Settings(**{**s.__dict__}))) - theirs).abs().max() < 1e-3
+
+
+@torch.no_grad()
+def test_sd2_folder_to_single_file_and_back(sd2_folder, tmp_path):
+    """A folder's tower has no last layer; its single file gets a zero one, the identity, so that every tool's
+    "penultimate layer" is the folder's last."""
+    single = convert(sd2_folder, tmp_path / "back.safetensors")
+    loaded, folder = load_checkpoint(single), load_checkpoint(sd2_folder)
+    assert loaded.config.family == "sd2"
+    last = "cond_stage_model.model.encoder.layers.2."
+    assert all(not t.any() for k, t in loaded.models.state_dict().items() if k.startswith(last))
+    ids = CLIPTokenizer.default(pad_token_id=0)([PROMPT])
+    assert torch.equal(loaded.models.text_encoder(ids, clip_skip=2), folder.models.text_encoder(ids, clip_skip=2))
+    again = convert(single, tmp_path / "again", to_diffusers=True)
+    assert load_checkpoint(again).config == folder.config
+
+
+def test_sd2_single_file_loads_in_diffusers_from_single_file(sd2_file, sd2_folder, sd2_models):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_single_file(str(sd2_file), config=str(sd2_folder), local_files_only=True,
+                                                    safety_checker=None)
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
+    ids = CLIPTokenizer.default(pad_token_id=0)([PROMPT])
+    with torch.no_grad():
+        assert max_rel_err(sd2_models.unet(x, torch.tensor([500.0]), context),
+                           pipe.unet(x, 500, context).sample) < 1e-5
+        # diffusers' SD 2 text encoder keeps the converted layers it has a place for (its config: 2 of 3)
+        assert max_rel_err(sd2_models.text_encoder(ids, clip_skip=2), pipe.text_encoder(ids).last_hidden_state) < 1e-5
+
+
+def test_full_size_sd2_keys_match_diffusers_on_meta():
+    """The 512 and 768-v configs at full size, on the meta device: our key rules map every UNet and tower tensor of
+    the original layout onto diffusers' SD 2 UNet and transformers' 23-layer ViT-H, shape for shape."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig as HFConfig
+    from transformers import CLIPTextModel
+
+    from sdtorch.checkpoint.diffusers_configs import clip_to_transformers, unet_to_diffusers
+    from sdtorch.checkpoint.diffusers_folder import diffusers_clip, part_to_diffusers
+
+    assert SD2_768_V.unet == SD2.unet and SD2_768_V.resolution == 768
+    with torch.device("meta"):
+        ours = StableDiffusionModels(SD2)
+        unet_config = {k: v for k, v in unet_to_diffusers(SD2.unet).items() if not k.startswith("_")}
+        ref_unet = UNet2DConditionModel(**unet_config)
+        hf = clip_to_transformers(diffusers_clip(SD2), 49406, 49407, 0)
+        ref_clip = CLIPTextModel(HFConfig(**{k: v for k, v in hf.items() if k != "architectures"}))
+    assert unet_config["attention_head_dim"] == [5, 10, 20, 20]  # heads of 64 channels, as SD 2's config says
+    unet = part_to_diffusers("unet", ours.unet.state_dict(), SD2)
+    assert {k: v.shape for k, v in unet.items()} == {k: v.shape for k, v in ref_unet.state_dict().items()}
+    clip = part_to_diffusers("text_encoder", ours.text_encoder.state_dict(), SD2)
+    clip = {k.removeprefix("text_model."): v.shape for k, v in clip.items()}
+    ref_shapes = {k.removeprefix("text_model."): v.shape for k, v in ref_clip.state_dict().items()
+                  if "position_ids" not in k}
+    assert clip == ref_shapes and ref_clip.config.num_hidden_layers == 23
+    # ViT-H's text tower: tokens 49408·1024 + positions 77·1024 + 24 layers of 12,596,224 + final norm 2·1024 +
+    # projection 1024² = 354,032,640 (OpenCLIP's tables round it to 354.03 M)
+    assert sum(p.numel() for p in ours.text_encoder.parameters()) == 354_032_640
+
+
+def test_info_names_the_family(sd2_file):
+    from test_cli import sdtorch
+
+    r = sdtorch("info", sd2_file)
+    assert r.returncode == 0, r.stderr
+    for expected in ["family: SD 2.x", "prediction type: v_prediction", "default size: 768x768",
+                     "text_encoder parameters:"]:
+        assert expected in r.stdout, (expected, r.stdout)
