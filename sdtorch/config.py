@@ -126,3 +126,13 @@ OPENCLIP_VIT_H = CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hi
 # SD 2.x (v2-inference.yaml / v2-inference-v.yaml): the 512 model predicts ε, the 768 one v; OpenCLIP pads with 0
 SD2 = ModelConfig(family="sd2", unet=SD2_UNET, clip=OPENCLIP_VIT_H, clip_pad_token_id=0)
 SD2_768_V = SD2.replace(prediction_type="v_prediction", resolution=768)
+# SDXL 1.0 base (Podell et al. 2023; sgm's sd_xl_base.yaml): no attention at the full-resolution level, 2 and 10
+# transformer blocks below it, a 2048-wide context (ViT-L 768 + ViT-bigG 1280), added conditions y of 1280 (pooled
+# bigG text) + 6·256 (size/crop numbers), and a VAE of the same shape retrained with latents scaled by 0.13025
+OPENCLIP_VIT_BIGG = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                   num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+SDXL_UNET = UNetConfig(channel_mult=(1, 2, 4), attention_resolutions=(4, 2), num_head_channels=64,
+                       transformer_depth=(0, 2, 10), context_dim=2048, use_linear_in_transformer=True,
+                       adm_in_channels=2816)
+SDXL = ModelConfig(family="sdxl", unet=SDXL_UNET, vae=VAEConfig(scale_factor=0.13025), clip=CLIPTextConfig(),
+                   clip_2=OPENCLIP_VIT_BIGG, resolution=1024)

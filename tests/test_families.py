@@ -216,3 +216,152 @@ def test_info_names_the_family(sd2_file):
     for expected in ["family: SD 2.x", "prediction type: v_prediction", "default size: 768x768",
                      "text_encoder parameters:"]:
         assert expected in r.stdout, (expected, r.stdout)
+
+
+# ---------------------------------------------------------------- SDXL
+
+# SDXL's topology at small widths: three levels, no attention at the first, 1 and 2 transformer blocks below it,
+# 64-wide heads; ViT-L (64 wide, quick GELU) and bigG (128 wide, GELU, projection) whose penultimate layers make a
+# 192-wide context; y = bigG's 128-wide pooled text + 6·256 size numbers; the VAE's scale is SDXL's
+TINY_SDXL = ModelConfig(
+    family="sdxl", resolution=1024,
+    unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_resolutions=(4, 2), num_head_channels=64,
+                    transformer_depth=(0, 1, 2), context_dim=192, use_linear_in_transformer=True,
+                    adm_in_channels=128 + 6 * 256),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.13025),
+    clip=CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1),
+    clip_2=CLIPTextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+                          hidden_act="gelu", projection_dim=128))
+
+
+@pytest.fixture(scope="module")
+def sdxl_models():
+    return randomize_(StableDiffusionModels(TINY_SDXL), seed=7).eval()
+
+
+@pytest.fixture(scope="module")
+def sdxl_file(sdxl_models, tmp_path_factory):
+    return save_checkpoint(sdxl_models, tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors")
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(sdxl_file, tmp_path_factory):
+    return convert(sdxl_file, tmp_path_factory.mktemp("sdxldir") / "folder", to_diffusers=True)
+
+
+def test_sdxl_single_file_layout_and_bare_shapes(sdxl_models, sdxl_file, sdxl_folder, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(sdxl_file, "pt") as f:
+        keys = set(f.keys())
+    assert {"conditioner.embedders.0.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight",
+            "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight",
+            "conditioner.embedders.1.model.text_projection", "model.diffusion_model.label_emb.0.0.weight",
+            "model.diffusion_model.label_emb.0.2.bias"} <= keys
+    assert not any(k.startswith("model.diffusion_model.input_blocks.1.1.") for k in keys)  # no attention at level 0
+    loaded = load_checkpoint(sdxl_file)
+    assert loaded.config == TINY_SDXL
+    for k, v in sdxl_models.state_dict().items():
+        assert torch.equal(loaded.models.state_dict()[k], v), k
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(sdxl_file), bare)  # no header: the family and the shapes say it all
+    assert load_checkpoint(bare).config == TINY_SDXL
+    from_folder = load_checkpoint(sdxl_folder)  # the diffusers folder we wrote, read back: the same model
+    assert from_folder.config == TINY_SDXL
+    for k, v in sdxl_models.state_dict().items():
+        assert torch.equal(from_folder.models.state_dict()[k], v), k
+
+
+def test_bigg_tower_equals_transformers_with_projection(sdxl_models, sdxl_file):
+    """diffusers' converter takes our file's bigG into CLIPTextModelWithProjection: SDXL's context is the
+    penultimate hidden state without the final LayerNorm, its pooled text `text_embeds`."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig as HFConfig
+    from transformers import CLIPTextModelWithProjection
+
+    c = TINY_SDXL.clip_2
+    ref = CLIPTextModelWithProjection(HFConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads, hidden_act="gelu",
+        projection_dim=c.projection_dim, attn_implementation="eager")).eval()
+    state = convert_open_clip_checkpoint(ref, load_file(sdxl_file), prefix="conditioner.embedders.1.model.")
+    ref.load_state_dict(state, strict=False)
+    assert not {k for k in ref.state_dict() if "position_ids" not in k} - state.keys()
+    ids = CLIPTokenizer.default(pad_token_id=0)(["a photo of a cat", "an astronaut riding a horse"])
+    with torch.no_grad():
+        out = ref(ids, output_hidden_states=True)
+        hidden, pooled = sdxl_models.text_encoders[1].hidden_and_pooled(ids)
+    assert max_rel_err(hidden, out.hidden_states[-2]) < 1e-5
+    assert max_rel_err(pooled, out.text_embeds) < 1e-5
+
+
+@pytest.mark.parametrize("negative", [NEGATIVE, ""], ids=["negative", "empty-negative-is-zeros"])
+@torch.no_grad()
+def test_sdxl_txt2img_equals_diffusers(sdxl_file, sdxl_folder, negative):
+    from diffusers import StableDiffusionXLPipeline
+
+    ref = StableDiffusionXLPipeline.from_pretrained(sdxl_folder, local_files_only=True)
+    ref.scheduler = euler("epsilon")
+    ref.set_progress_bar_config(disable=True)
+    sizes = {} if negative else dict(original_size=(64, 96), crop_top_left=(8, 4), target_size=(40, 48))
+    s = Settings(PROMPT, negative, steps=3, cfg=6.0, sampler="Euler", seed=5, width=48, height=32, **sizes)
+    theirs = ref(PROMPT, negative_prompt=negative or None, num_inference_steps=3, guidance_scale=6.0, height=32,
+                 width=48, latents=seed_noise(5, 1, (4, 4, 6)), output_type="pt",
+                 **{"crops_coords_top_left" if k == "crop_top_left" else k: v for k, v in sizes.items()}).images
+    loaded = load_checkpoint(sdxl_file)
+    pipe = Pipeline(loaded.models, loaded.tokenizer, loaded.config, device="cpu")
+    assert (to_unit(pipe.run(s)) - theirs).abs().max() < 1e-3
+
+
+def test_sdxl_single_file_loads_in_diffusers_from_single_file(sdxl_file, sdxl_folder, sdxl_models):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_single_file(str(sdxl_file), config=str(sdxl_folder), local_files_only=True)
+    g = torch.Generator().manual_seed(0)
+    x, context, y = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 192, generator=g), torch.randn(1, 1664,
+                                                                                                          generator=g)
+    with torch.no_grad():
+        theirs = pipe.unet(x, 500, context, added_cond_kwargs={"text_embeds": y[:, :128], "time_ids": torch.tensor(
+            [[64.0, 96, 8, 4, 40, 48]])}).sample
+        from sdtorch.conditioning import size_embedding
+        y = torch.cat([y[:, :128], size_embedding((64, 96), (8, 4), (40, 48))], dim=1)
+        assert max_rel_err(sdxl_models.unet(x, torch.tensor([500.0]), context, y), theirs) < 1e-5
+        ids = CLIPTokenizer.default()([PROMPT])
+        ours_l, _ = sdxl_models.text_encoders[0].hidden_and_pooled(ids)
+        assert max_rel_err(ours_l, pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]) < 1e-5
+
+
+def test_full_size_sdxl_matches_diffusers_config_and_keys_on_meta():
+    """SDXL base at full size on the meta device: the UNet config is the one stabilityai's unet/config.json states,
+    and every UNet and text tower tensor maps onto diffusers'/transformers' models shape for shape."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig as HFConfig
+    from transformers import CLIPTextModelWithProjection
+
+    from sdtorch.checkpoint.diffusers_configs import clip_to_transformers, unet_from_diffusers, unet_to_diffusers
+    from sdtorch.checkpoint.diffusers_folder import part_to_diffusers
+    from sdtorch.config import SDXL
+
+    published = {"block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
+                 "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048,
+                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                 "projection_class_embeddings_input_dim": 2816, "use_linear_projection": True}
+    assert unet_from_diffusers(published, "sdxl") == SDXL.unet
+    ours_json = unet_to_diffusers(SDXL.unet)
+    assert {k: ours_json[k] for k in published} == published
+    with torch.device("meta"):
+        ours = StableDiffusionModels(SDXL)
+        ref_unet = UNet2DConditionModel(**{k: v for k, v in ours_json.items() if not k.startswith("_")})
+        hf = clip_to_transformers(SDXL.clip_2, 49406, 49407, 0)
+        ref_bigg = CLIPTextModelWithProjection(HFConfig(**{k: v for k, v in hf.items() if k != "architectures"}))
+    unet = part_to_diffusers("unet", ours.unet.state_dict(), SDXL)
+    assert {k: v.shape for k, v in unet.items()} == {k: v.shape for k, v in ref_unet.state_dict().items()}
+    assert sum(p.numel() for p in ours.unet.parameters()) == sum(p.numel() for p in ref_unet.parameters())
+    bigg = part_to_diffusers("text_encoder_2", ours.text_encoders[1].state_dict(), SDXL)
+    assert {k: v.shape for k, v in bigg.items()} == {k: v.shape for k, v in ref_bigg.state_dict().items()
+                                                    if "position_ids" not in k}
+    assert SDXL.vae.scale_factor == 0.13025 and SDXL.resolution == 1024

@@ -22,8 +22,9 @@ from .errors import CheckpointError, KeyMismatchError, UnsupportedModelError, na
 from .formats import TensorRef, cpu_tensor, detect_format, read_tensor_file, write_safetensors
 
 SD1_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionXLImg2ImgPipeline")
 WEIGHT_NAMES = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
-                "text_encoder": ("model", "pytorch_model")}
+                "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model")}
 CLIP_PREFIX = "text_model."  # published SD folders store it; transformers >= 5 writes the keys without it
 
 
@@ -44,33 +45,35 @@ def read_json(path: Path) -> dict:
 
 
 def read_diffusers_folder(folder: Path, files: ExitStack, prefer_fp16: bool = False) -> DiffusersFolder:
-    """Configs and lazy weights of an SD 1.x/2.x diffusers folder, keys converted to the original layout."""
+    """Configs and lazy weights of an SD 1.x/2.x/SDXL diffusers folder, keys converted to the original layout."""
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     pipeline = index.get("_class_name", "StableDiffusionPipeline")
-    if "text_encoder_2" in index or "XL" in pipeline:
-        raise UnsupportedModelError(f"{folder}: not supported yet: SDXL ({pipeline})")
-    if pipeline not in SD1_PIPELINES:
+    if pipeline in SDXL_PIPELINES and not (folder / "text_encoder" / "config.json").is_file():
+        raise UnsupportedModelError(f"{folder}: not supported yet: the SDXL refiner (bigG only)")
+    if pipeline not in SD1_PIPELINES + SDXL_PIPELINES:
         raise UnsupportedModelError(f"{folder}: not supported yet: a {pipeline}")
     unet = configs.unet_from_diffusers(read_json(folder / "unet" / "config.json"), f"{folder}/unet")
     vae = configs.vae_from_diffusers(read_json(folder / "vae" / "config.json"), f"{folder}/vae")
     clip = configs.clip_from_transformers(read_json(folder / "text_encoder" / "config.json"))
     # OpenAI's CLIP (SD 1.x) was trained with quick GELU, OpenCLIP's ViT-H (SD 2.x) with exact GELU
-    family = "sd2" if clip.hidden_act == "gelu" else "sd1"
+    family = "sdxl" if pipeline in SDXL_PIPELINES else "sd2" if clip.hidden_act == "gelu" else "sd1"
     if family == "sd2":  # see sd2_identity_layer
         clip = dataclasses.replace(clip, num_hidden_layers=clip.num_hidden_layers + 1)
+    clip_2 = configs.clip_from_transformers(read_json(folder / "text_encoder_2" / "config.json"), projected=True) \
+        if family == "sdxl" else None
     scheduler = folder / "scheduler" / "scheduler_config.json"
     prediction_type = read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
     tokenizer = read_tokenizer(folder / "tokenizer", clip.max_position_embeddings)
     pad = None if tokenizer.pad_token_id == tokenizer.eos_token_id else tokenizer.pad_token_id
-    config = ModelConfig(family=family, unet=unet, vae=vae, clip=clip, prediction_type=prediction_type,
-                         clip_pad_token_id=pad)
+    config = ModelConfig(family=family, unet=unet, vae=vae, clip=clip, clip_2=clip_2, prediction_type=prediction_type,
+                         clip_pad_token_id=pad, resolution=1024 if family == "sdxl" else 512)
 
     tensors = {}
-    text_prefix = text_encoder_prefixes(family)[0][0]
-    for part, rules in (("unet", unet_rules(unet)), ("vae", vae_rules(vae)), ("text_encoder", None)):
+    text_parts = dict(zip(("text_encoder", "text_encoder_2"), (p for p, _ in text_encoder_prefixes(family))))
+    for part, rules in (("unet", unet_rules(unet)), ("vae", vae_rules(vae))) + tuple((p, None) for p in text_parts):
         weights = read_part_weights(folder / part, WEIGHT_NAMES[part], files, prefer_fp16)
-        tensors.update(part_from_diffusers(part, weights, rules, f"{folder}/{part}",
-                                           text_prefix if part == "text_encoder" else None))
+        tensors.update(part_from_diffusers(part, weights, rules, f"{folder}/{part}", text_parts.get(part)))
+    text_prefix = text_parts["text_encoder"]
     if family == "sd2":
         tensors.update(sd2_identity_layer(text_prefix, clip))
     return DiffusersFolder(tensors, config, tokenizer)
@@ -163,7 +166,8 @@ def write_diffusers_folder(models: StableDiffusionModels, config: ModelConfig, t
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_diffusers_configs(config, tokenizer, tmp)
-        parts = {"unet": models.unet, "vae": models.vae, "text_encoder": models.text_encoder}
+        parts = {"unet": models.unet, "vae": models.vae,
+                 **dict(zip(("text_encoder", "text_encoder_2"), models.text_encoders))}
         for part, module in parts.items():
             state = {key: cpu_tensor(t, dtype) for key, t in module.state_dict().items()}
             write_safetensors(part_to_diffusers(part, state, config), tmp / part /
@@ -184,7 +188,11 @@ def write_diffusers_configs(config: ModelConfig, tokenizer: CLIPTokenizer, folde
              "vae/config.json": configs.vae_to_diffusers(config.vae),
              "text_encoder/config.json": configs.clip_to_transformers(
                  diffusers_clip(config), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id),
-             "scheduler/scheduler_config.json": configs.scheduler_config(config.prediction_type)}
+             "scheduler/scheduler_config.json": configs.scheduler_config(config.prediction_type, config.family)}
+    if config.clip_2 is not None:  # SDXL's bigG, whose tokenizer pads with "!" (id 0)
+        jsons["text_encoder_2/config.json"] = configs.clip_to_transformers(
+            config.clip_2, tokenizer.bos_token_id, tokenizer.eos_token_id, 0)
+        tokenizer.with_pad_token_id(0).save_pretrained_files(folder / "tokenizer_2")
     for name, content in jsons.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
@@ -192,6 +200,8 @@ def write_diffusers_configs(config: ModelConfig, tokenizer: CLIPTokenizer, folde
 
 
 def part_to_diffusers(part: str, state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    if part == "text_encoder_2":  # transformers' CLIPTextModelWithProjection: text_projection beside text_model
+        return {k if k.startswith("text_projection.") else CLIP_PREFIX + k: t for k, t in state.items()}
     if part == "text_encoder":
         clip = diffusers_clip(config)
         dropped = (f"encoder.layers.{clip.num_hidden_layers}.", "text_projection.")  # SD 2.x: see sd2_identity_layer

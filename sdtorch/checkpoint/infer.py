@@ -8,12 +8,14 @@ from ..config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from ..models.stable_diffusion import PREFIXES, text_encoder_prefixes
 from .errors import CheckpointError
 
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3", "flux": "Flux",
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "the SDXL refiner", "sd3": "SD 3",
+                "flux": "Flux",
                 "vae": "a standalone VAE", "diffusers": "a diffusers-layout model (load its whole folder)",
                 "lora": "a LoRA", "embedding": "a textual-inversion embedding", "unknown": "an unknown model"}
 
 # (family, a key only that family has). First match wins: SDXL and SD 2.x also have model.diffusion_model.* keys.
 FAMILY_MARKERS = [
+    ("sdxl_refiner", re.compile(r"conditioner\.embedders\.0\.model\.")),  # bigG alone, as embedder 0
     ("sdxl", re.compile(r"conditioner\.embedders\.")),
     ("sd2", re.compile(r"cond_stage_model\.model\.")),  # OpenCLIP ViT-H: ...model.transformer.resblocks.*
     ("sd3", re.compile(r"(model\.diffusion_model\.)?joint_blocks\.")),
@@ -27,8 +29,8 @@ FAMILY_MARKERS = [
 
 
 def detect_family(keys) -> str:
-    """'sd1' | 'sd2' | 'sdxl' | 'sd3' | 'flux' | 'vae' | 'diffusers' | 'lora' | 'embedding' | 'unknown', from key
-    names alone (FAMILY_NAMES says each in words)."""
+    """'sd1' | 'sd2' | 'sdxl' | 'sdxl_refiner' | 'sd3' | 'flux' | 'vae' | 'diffusers' | 'lora' | 'embedding' |
+    'unknown', from key names alone (FAMILY_NAMES says each in words)."""
     keys = list(keys)
     for family, marker in FAMILY_MARKERS:
         if any(marker.match(k) for k in keys):
@@ -52,11 +54,15 @@ def infer_config(shapes: dict[str, tuple[int, ...]], family: str, where: str) ->
     unet = _unet(part(PREFIXES["unet"]))
     if family != "sd1":
         unet = dataclasses.replace(unet, num_head_channels=64)
-    # OpenCLIP towers use exact GELU; SD 2.x and SDXL's OpenCLIP tokenizer pads with id 0 (A1111: id_pad = 0)
+    # OpenCLIP towers use exact GELU; SD 2.x's tokenizer pads with id 0 (A1111: id_pad = 0; SDXL's second tower's
+    # does too, conditioning.tokenizers)
     clips = [_clip(part(prefix), openclip) for prefix, openclip in text_encoder_prefixes(family)]
     pad = 0 if family == "sd2" else None
-    return ModelConfig(family=family, unet=unet, vae=_vae(part(PREFIXES["vae"])), clip=clips[0],
-                       clip_2=clips[1] if len(clips) > 1 else None, clip_pad_token_id=pad)
+    vae = _vae(part(PREFIXES["vae"]))
+    if family == "sdxl":  # SDXL's VAE was retrained with its own latent scale; its images are 1024² by default
+        vae = dataclasses.replace(vae, scale_factor=0.13025)
+    return ModelConfig(family=family, unet=unet, vae=vae, clip=clips[0], clip_2=clips[1] if len(clips) > 1 else None,
+                       clip_pad_token_id=pad, resolution=1024 if family == "sdxl" else 512)
 
 
 def infer_sd1_config(shapes: dict[str, tuple[int, ...]], where: str) -> ModelConfig:
