@@ -65,7 +65,20 @@ def sdxl_sizes(s) -> tuple:
     """Settings -> ((orig h, orig w), (crop top, crop left), (target h, target w)); A1111 conditions on the image's
     own size for both sizes and on crop (0, 0) (its sdxl_crop_top/left options)."""
     image = (s.height, s.width)
-    return tuple(s.original_size or image), tuple(s.crop_top_left), tuple(s.target_size or image)
+    sizes = tuple(s.original_size or image), tuple(s.crop_top_left), tuple(s.target_size or image)
+    for name, pair in zip(("original_size", "crop_top_left", "target_size"), sizes, strict=True):
+        if len(pair) != 2 or not all(isinstance(v, int) and v >= 0 for v in pair):
+            raise ValueError(f"{name} must be two non-negative integers, got {pair!r}")
+    return sizes
+
+
+def size_params(s) -> dict:
+    """SDXL's size conditions for the infotext, only where they differ from A1111's (which conditions on the image's
+    size and crop 0, 0 and writes nothing): "Original size"/"Target size" as WxH like "Size", "Crop" as top,left."""
+    def wxh(size):
+        return None if size is None else f"{size[1]}x{size[0]}"
+    return {"Original size": wxh(s.original_size), "Crop": None if tuple(s.crop_top_left) == (0, 0)
+            else f"{s.crop_top_left[0]},{s.crop_top_left[1]}", "Target size": wxh(s.target_size)}
 
 
 def tokenizers(config, tokenizer) -> tuple:

@@ -369,6 +369,7 @@ class Pipeline:
             "Clip skip": s.clip_skip if s.clip_skip != 1 else None,
             "Denoising strength": s.strength if with_image else None,
             "CFG rescale": s.guidance_rescale or None, "Eta": s.eta,
+            **conditioning.size_params(s),
         }
 
 

@@ -365,3 +365,26 @@ def test_full_size_sdxl_matches_diffusers_config_and_keys_on_meta():
     assert {k: v.shape for k, v in bigg.items()} == {k: v.shape for k, v in ref_bigg.state_dict().items()
                                                     if "position_ids" not in k}
     assert SDXL.vae.scale_factor == 0.13025 and SDXL.resolution == 1024
+
+
+def test_sdxl_sizes_are_written_when_not_a1111s_defaults(sdxl_models):
+    pipe = Pipeline(sdxl_models, CLIPTokenizer.default(), TINY_SDXL, device="cpu")
+    plain = pipe.infotext_params(Settings(PROMPT, width=48, height=32), with_image=False)
+    assert "Original size" not in str({k for k, v in plain.items() if v is not None})
+    params = pipe.infotext_params(Settings(PROMPT, width=48, height=32, original_size=(64, 96), crop_top_left=(8, 4),
+                                           target_size=(40, 48)), with_image=False)
+    assert (params["Original size"], params["Crop"], params["Target size"]) == ("96x64", "8,4", "48x40")
+    with pytest.raises(ValueError, match="crop_top_left must be two non-negative integers"):
+        pipe.run(Settings(PROMPT, steps=1, width=32, height=32, crop_top_left=(-1, 0)))
+
+
+def test_sdxl_refiner_is_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdtorch.checkpoint import UnsupportedModelError
+
+    path = tmp_path / "refiner.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+               "conditioner.embedders.0.model.ln_final.weight": torch.zeros(1)}, path)
+    with pytest.raises(UnsupportedModelError, match="not supported yet: the SDXL refiner"):
+        load_checkpoint(path)
