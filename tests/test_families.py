@@ -18,13 +18,13 @@ from sdtorch.tokenizer import CLIPTokenizer
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry"
 
 # SD 2.x's topology at small widths: 64-wide UNet heads (1 and 2 of them), linear projections, an OpenCLIP tower of
-# 3 GELU layers (one 64-wide head) with its projection, SD's VAE with 2 levels. Head widths and norm groups are the
+# 3 GELU layers (one 64-wide head) with its projection, SD's f=8 VAE at width 32. Head widths and norm groups are the
 # family's, so that a bare file's shapes imply exactly this config.
 TINY_SD2 = ModelConfig(
     family="sd2", prediction_type="v_prediction", clip_pad_token_id=0, resolution=768,
     unet=UNetConfig(model_channels=64, channel_mult=(1, 2), attention_resolutions=(1, 2), num_head_channels=64,
                     context_dim=64, use_linear_in_transformer=True),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
     clip=CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=1,
                         hidden_act="gelu", projection_dim=64))
 
@@ -146,7 +146,9 @@ def test_sd2_txt2img_equals_diffusers_on_our_folder(sd2_file, sd2_folder):
         loaded = load_checkpoint(path)
         assert loaded.config.family == "sd2" and loaded.config.prediction_type == "v_prediction"
         pipe = Pipeline(loaded.models, loaded.tokenizer, loaded.config, device="cpu")
-        assert (to_unit(pipe.run(Settings(**{**s.__dict__}))) - theirs).abs().max() < 1e-3
+        ours = pipe.run(Settings(**{**s.__dict__}))
+        assert ours.shape == theirs.shape == (1, 3, 32, 48)
+        assert (to_unit(ours) - theirs).abs().max() < 1e-3
 
 
 @torch.no_grad()
@@ -228,7 +230,7 @@ TINY_SDXL = ModelConfig(
     unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_resolutions=(4, 2), num_head_channels=64,
                     transformer_depth=(0, 1, 2), context_dim=192, use_linear_in_transformer=True,
                     adm_in_channels=128 + 6 * 256),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.13025),
+    vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, scale_factor=0.13025),
     clip=CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1),
     clip_2=CLIPTextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
                           hidden_act="gelu", projection_dim=128))
@@ -312,7 +314,9 @@ def test_sdxl_txt2img_equals_diffusers(sdxl_file, sdxl_folder, negative):
                  **{"crops_coords_top_left" if k == "crop_top_left" else k: v for k, v in sizes.items()}).images
     loaded = load_checkpoint(sdxl_file)
     pipe = Pipeline(loaded.models, loaded.tokenizer, loaded.config, device="cpu")
-    assert (to_unit(pipe.run(s)) - theirs).abs().max() < 1e-3
+    ours = pipe.run(s)
+    assert ours.shape == theirs.shape == (1, 3, 32, 48)
+    assert (to_unit(ours) - theirs).abs().max() < 1e-3
 
 
 def test_sdxl_single_file_loads_in_diffusers_from_single_file(sdxl_file, sdxl_folder, sdxl_models):
@@ -388,3 +392,27 @@ def test_sdxl_refiner_is_refused_by_name(tmp_path):
                "conditioner.embedders.0.model.ln_final.weight": torch.zeros(1)}, path)
     with pytest.raises(UnsupportedModelError, match="not supported yet: the SDXL refiner"):
         load_checkpoint(path)
+
+
+@torch.no_grad()
+def test_sdxl_img2img_equals_diffusers(sdxl_file, sdxl_folder):
+    import numpy as np
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+
+    from sdtorch.images import pil_to_tensor
+
+    ref = StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_folder, local_files_only=True)
+    ref.scheduler = euler("epsilon")
+    ref.set_progress_bar_config(disable=True)
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    loaded = load_checkpoint(sdxl_file)
+    pipe = Pipeline(loaded.models, loaded.tokenizer, loaded.config, device="cpu")
+    ours = pipe.run(Settings(PROMPT, NEGATIVE, steps=4, cfg=5.0, sampler="Euler", seed=7, width=48, height=32,
+                             strength=0.6), init_image=init)
+    # diffusers takes our (posterior-mean) init latents directly and draws the same seed's noise
+    theirs = ref(PROMPT, image=pipe.encode_image(pil_to_tensor(init)), strength=0.6, negative_prompt=NEGATIVE,
+                 num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(7),
+                 output_type="pt").images
+    assert ours.shape == theirs.shape == (1, 3, 32, 48)
+    assert (to_unit(ours) - theirs).abs().max() < 1e-3

@@ -63,10 +63,11 @@ def detect_format(path: str | Path) -> str:
         head = f.read(9)
     if head.startswith(b"PK\x03\x04"):
         return "torch-zip"  # torch.save's default since 1.6: a zip holding data.pkl and one file per storage
-    if head[:1] == b"\x80":
-        return "pickle"  # the PROTO opcode: a raw pickle (torch.save's legacy format, or plain pickle.dump)
+    # safetensors first: a header length whose low byte is 0x80 (128 mod 256) starts the file like a pickle's PROTO
     if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= MAX_SAFETENSORS_HEADER:
         return "safetensors"  # 8-byte little-endian header length, then the JSON header
+    if head[:1] == b"\x80":
+        return "pickle"  # the PROTO opcode: a raw pickle (torch.save's legacy format, or plain pickle.dump)
     raise NotACheckpointError(f"{path}: not a checkpoint: neither safetensors, a torch zip nor a pickle "
                               f"(starts with {head[:8]!r})")
 
