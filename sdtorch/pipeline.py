@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import hires
+from . import conditioning, hires
 from . import images as imgs
 from . import memory
 from .config import ModelConfig
@@ -30,7 +30,7 @@ from .lora import AppliedNetworks, find_file, read_network
 from .metadata import format_parameters, png_with_parameters
 from .models import StableDiffusionModels
 from .models.packed import packed_weights
-from .prompts import encode_prompt_pair, extract_lora_tags
+from .prompts import extract_lora_tags
 from .tiling import decode_tiled, encode_tiled
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -92,6 +92,11 @@ class Settings:
     hires_upscaler: str = "Latent"
     hires_strength: float = 0.7
     loras: dict | None = None  # {name or path: w, or {"unet": w, "te": w}}: written into the prompt as <lora:...> tags
+    # SDXL's size conditioning (Podell et al. 2023, sec. 2.2), as diffusers names them: original_size and
+    # target_size (height, width), None = the image's; crop_top_left (top, left)
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
     # A1111's "Lora hashes" and "TI hashes" texts of the files a generation used: filled in the resolved copy of the
     # settings that a run returns (see Pipeline.run_resolved), never by the caller
     hashes: dict[str, str] = field(default_factory=dict)
@@ -305,9 +310,8 @@ class Pipeline:
         if auto_tile:
             tiled_vae = s.width * s.height > TILE_ABOVE_PIXELS
 
-        prompt, negative = self.use_networks(s)
-        cond, uncond = self.encode_prompts(prompt, negative, s.clip_skip, s.hashes)
-        cond, uncond = cond.expand(s.batch, -1, -1), uncond.expand(s.batch, -1, -1)
+        prompt, negative = self.use_networks(s)  # the prompts without their <lora:...> tags
+        conditions = self.conditioning(replace(s, prompt=prompt, negative=negative), s.hashes)
         self._done_with(self.text_encoder)
 
         x0_latent = c_concat = latent_mask = None
@@ -322,8 +326,10 @@ class Pipeline:
                 c_concat = torch.cat([latent_mask.expand(s.batch, -1, -1, -1), masked_latent], dim=1)
                 latent_mask = None  # the model itself keeps the unmasked part; no blending
 
-        extra_args = {"cond": cond.to(self.device), "uncond": uncond.to(self.device) if s.cfg != 1 else None,
-                      "cfg_scale": s.cfg, "guidance_rescale": s.guidance_rescale}
+        extra_args = {**conditions.denoiser_args(s.batch, self.device), "cfg_scale": s.cfg,
+                      "guidance_rescale": s.guidance_rescale}
+        if s.cfg == 1:
+            extra_args["uncond"] = None
         if c_concat is not None:
             extra_args["c_concat"] = c_concat.to(self.device)
         unet = _OneImageAtATime(self.unet, s.batch) if self.batch_exact else self.unet
@@ -384,18 +390,26 @@ class Pipeline:
         sampler, named_schedule = parse_sampler_name(s.sampler)
         return sampler, resolve_schedule(s.schedule) or named_schedule
 
-    def encode_prompts(self, prompt: str, negative: str, clip_skip: int, hashes: dict | None = None):
-        """Both prompts' contexts; with an embeddings folder, its names in the prompts become their vectors (and
-        `hashes` gets A1111's "TI hashes" of those used)."""
+    def encode_prompts(self, prompt: str, negative: str, clip_skip: int):
+        """The text contexts (cond, uncond), each (1, 77·k, D)."""
+        c = self.conditioning(Settings(prompt, negative, clip_skip=clip_skip, width=self.config.resolution,
+                                       height=self.config.resolution))
+        return c.cond, c.uncond
+
+    def conditioning(self, s: Settings, hashes: dict | None = None) -> conditioning.Conditioning:
+        """Everything the UNet is conditioned on, as the model's family does it (sdtorch/conditioning.py). With an
+        embeddings folder, its names in the prompts become their vectors (and `hashes` gets A1111's "TI hashes" of
+        those used)."""
         matcher = None
         if self.embeddings.files():
             matcher = EmbeddingMatcher(self.embeddings, self.tokenizer, self.config.clip.hidden_size)
-        pair = encode_prompt_pair(self.text_encoder, self.tokenizer, prompt, negative, clip_skip=clip_skip,
-                                  embeddings=matcher)
+        c = conditioning.encode_prompts(self.models, conditioning.tokenizers(self.config, self.tokenizer),
+                                        self.config, s.prompt, s.negative, s.clip_skip, conditioning.sdxl_sizes(s),
+                                        embeddings=matcher)
         if hashes is not None:
             hashes["TI hashes"] = _hash_list({name: e.short_hash for name, e in matcher.used.items()} if matcher
                                             else {})
-        return pair
+        return c
 
     def use_networks(self, s: Settings) -> tuple[str, str]:
         """Take the <lora:...> tags out of both prompts of resolved settings `s` and merge exactly those LoRAs into
@@ -469,6 +483,7 @@ class Pipeline:
             "Hires steps": (s.hires_steps or None) if hires_pass else None,
             "Hires upscaler": s.hires_upscaler if hires_pass else None,
             "TI hashes": s.hashes.get("TI hashes"), "Lora hashes": s.hashes.get("Lora hashes"),
+            **conditioning.size_params(s),
         }
 
 
@@ -480,13 +495,14 @@ class _OneImageAtATime:
     def __init__(self, unet, batch: int):
         self.unet, self.batch = unet, batch
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y=None) -> torch.Tensor:
+        added = {} if y is None else {"y": y}
         if self.batch == 1:
-            return self.unet(x, t, context)
+            return self.unet(x, t, context, **added)
         out = None
         for k in range(self.batch):
             rows = torch.arange(k, x.shape[0], self.batch, device=x.device)  # image k's rows: (n·B, ...) -> (n, ...)
-            part = self.unet(x[rows], t[rows], context[rows])
+            part = self.unet(x[rows], t[rows], context[rows], **{k: v[rows] for k, v in added.items()})
             out = part.new_empty((x.shape[0], *part.shape[1:])) if out is None else out
             out[rows] = part
         return out
@@ -494,7 +510,8 @@ class _OneImageAtATime:
 
 _SETTINGS_FIELDS = {"steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch", "clip_skip",
                     "guidance_rescale", "eta", "rng", "convention", "img2img_fix_steps", "hires_scale", "hires_resize",
-                    "hires_steps", "hires_upscaler", "hires_strength", "loras"}
+                    "hires_steps", "hires_upscaler", "hires_strength", "loras", "original_size", "crop_top_left",
+                    "target_size"}
 
 
 def _settings_kwargs(kwargs: dict) -> dict:

@@ -124,6 +124,11 @@ class CLIPTokenizer:
         pad_token_id = None if pad_token is None else vocab[pad_token]
         return cls(vocab, merges, pad_token_id=pad_token_id, model_max_length=config.get("model_max_length", 77))
 
+    def with_pad_token_id(self, pad_token_id: int | None) -> "CLIPTokenizer":
+        """The same tokenizer padding with another id (SDXL's second tower pads with 0, its first with EOS)."""
+        merges = sorted(self.bpe_ranks, key=self.bpe_ranks.get)
+        return CLIPTokenizer(self.encoder, merges, pad_token_id, self.model_max_length, self.html_unescape)
+
     def save_pretrained_files(self, folder: str | Path) -> None:
         """Write vocab.json, merges.txt and the two small JSON configs of a diffusers tokenizer folder."""
         folder = Path(folder)

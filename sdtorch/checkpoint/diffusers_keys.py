@@ -37,6 +37,8 @@ def unet_rules(cfg: UNetConfig) -> list[BlockRule]:
     attends = [2 ** level in cfg.attention_resolutions for level in range(levels)]
     rules = [BlockRule("time_embed.0.", "time_embedding.linear_1."),
              BlockRule("time_embed.2.", "time_embedding.linear_2."),
+             BlockRule("label_emb.0.0.", "add_embedding.linear_1."),  # SDXL's added conditions
+             BlockRule("label_emb.0.2.", "add_embedding.linear_2."),
              BlockRule("input_blocks.0.0.", "conv_in."),
              BlockRule("middle_block.0.", "mid_block.resnets.0.", UNET_RESNET),
              BlockRule("middle_block.1.", "mid_block.attentions.0."),

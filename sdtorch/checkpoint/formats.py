@@ -45,6 +45,10 @@ class TensorRef:
     def reshaped(self, shape: tuple[int, ...]) -> "TensorRef":
         return TensorRef(tuple(shape), self.dtype, lambda dtype, device: self.fetch(dtype, device).reshape(shape))
 
+    def transformed(self, shape: tuple[int, ...], fn: Callable[[torch.Tensor], torch.Tensor]) -> "TensorRef":
+        """This tensor through `fn` (a slice, a transpose...) once read, as a contiguous tensor of its own."""
+        return TensorRef(tuple(shape), self.dtype, lambda dtype, device: fn(self.fetch(dtype, device)).contiguous())
+
 
 def detect_format(path: str | Path) -> str:
     """'safetensors' | 'torch-zip' | 'pickle' | 'diffusers-folder', from the content; raises CheckpointError."""

@@ -1,4 +1,4 @@
-"""Load an SD 1.x checkpoint (single file or diffusers folder) into `StableDiffusionModels`.
+"""Load an SD 1.x, SD 2.x or SDXL checkpoint (single file or diffusers folder) into `StableDiffusionModels`.
 
 The models are built on the meta device, without their random init, then every parameter is assigned the file's
 tensor, cast on the way: no weight is initialised, and (from safetensors) none is held in memory twice.
@@ -17,14 +17,15 @@ from torch import nn
 
 from ..config import ModelConfig, VAEConfig
 from ..diffusion.schedule import PREDICTION_TYPES
-from ..models.stable_diffusion import PREFIXES, StableDiffusionModels
+from ..models.stable_diffusion import PREFIXES, StableDiffusionModels, text_encoder_prefixes
 from ..tokenizer import CLIPTokenizer
 from .diffusers_folder import WEIGHT_NAMES, part_from_diffusers, read_diffusers_folder, read_part_weights
 from .diffusers_keys import vae_rules
 from .errors import (CheckpointError, CorruptCheckpointError, KeyMismatchError, ShapeMismatchError,
                      UnsupportedModelError, name_some)
 from .formats import TensorRef, detect_format, read_tensor_file, sha256_of_file
-from .infer import FAMILY_NAMES, describe_keys, detect_family, infer_sd1_config
+from .infer import FAMILY_NAMES, describe_keys, detect_family, infer_config, sd2_predicts_v
+from .openclip_keys import from_openclip
 from .validate import check_config, check_config_fits
 
 # Tensors real checkpoints carry that are no model weight: LDM's diffusion-schedule buffers, EMA bookkeeping, and
@@ -33,10 +34,12 @@ IGNORED_KEYS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights", "logvar",
-    "model_ema.decay", "model_ema.num_updates", "cond_stage_model.transformer.text_model.embeddings.position_ids"})
+    "model_ema.decay", "model_ema.num_updates", "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"})
 EMA_PREFIX = "model_ema."
 # Checkpoints saved with old transformers store CLIP without its `text_model.` level
-_CLIP_WITHOUT_TEXT_MODEL = re.compile(r"^cond_stage_model\.transformer\.(?!text_model\.)")
+_CLIP_WITHOUT_TEXT_MODEL = re.compile(r"^(cond_stage_model|conditioner\.embedders\.0)\.transformer\.(?!text_model\.)")
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
 # Some converted checkpoints store the VAE's attention projections as Linear (C, C) instead of 1x1 convs (C, C, 1, 1)
 _VAE_ATTENTION_WEIGHT = re.compile(r"first_stage_model\.(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
 _PARAMETERIZATION = re.compile(r"^\s*parameterization:\s*[\"']?(\w+)", re.MULTILINE)
@@ -92,12 +95,16 @@ def _load_checkpoint(path, *, vae, device, dtype: torch.dtype | None, ema: bool,
             tensors, found, tokenizer = folder.tensors, folder.config, folder.tokenizer
         else:
             tensors, metadata = read_tensor_file(path, fmt, files)
-            tensors = {_CLIP_WITHOUT_TEXT_MODEL.sub("cond_stage_model.transformer.text_model.", k, count=1): ref
+            tensors = {_CLIP_WITHOUT_TEXT_MODEL.sub(r"\1.transformer.text_model.", k, count=1): ref
                        for k, ref in tensors.items()}
-            _check_family(tensors, path)
-            found = config or _single_file_config(tensors, metadata, path)
+            family = _check_family(tensors, path)
+            for prefix, openclip in text_encoder_prefixes(family):
+                if openclip:
+                    tensors = from_openclip(tensors, prefix)
+            found = config or _single_file_config(tensors, metadata, path, family)
         cfg = config or found
-        cfg = cfg.replace(prediction_type=prediction_type or _sidecar_prediction_type(path) or cfg.prediction_type)
+        stated = prediction_type or _sidecar_prediction_type(path)
+        cfg = _with_prediction_type(cfg, stated or cfg.prediction_type)
         check_config(cfg, str(path))
         where = str(path)
         if vae is not None:
@@ -114,6 +121,10 @@ def _load_checkpoint(path, *, vae, device, dtype: torch.dtype | None, ema: bool,
     if left:
         raise CheckpointError(f"{where}: no weights for {name_some(left)} (left on the meta device)")
     models.requires_grad_(False).eval()
+    if not stated and config is None and fmt != "diffusers-folder" and cfg.family == "sd2" \
+            and not _file_states_prediction_type(metadata):
+        cfg = _with_prediction_type(cfg, "v_prediction" if sd2_predicts_v(models.unet) else "epsilon")
+        models.config = cfg
     tokenizer = tokenizer or CLIPTokenizer.default(pad_token_id=cfg.clip_pad_token_id)
     name = path.name if path.is_dir() else path.stem
     return LoadedCheckpoint(models, cfg, tokenizer, name, path, fmt, metadata)
@@ -124,17 +135,23 @@ _NOT_A_MODEL = {"vae": "is a standalone VAE, not a whole model: pass it as vae= 
                 "lora": "is a LoRA, not a whole model", "embedding": "is a textual-inversion embedding, not a model"}
 
 
-def _check_family(tensors: dict[str, TensorRef], path: Path) -> None:
+def _check_family(tensors: dict[str, TensorRef], path: Path) -> str:
     family = detect_family(tensors)
     if family in _NOT_A_MODEL:
         raise UnsupportedModelError(f"{path} {_NOT_A_MODEL[family]}")
-    if family != "sd1":
+    if family not in SUPPORTED_FAMILIES:
         found = f" (found {describe_keys(tensors)})" if family == "unknown" else ""
         raise UnsupportedModelError(f"{path}: not supported yet: {FAMILY_NAMES[family]}{found}")
+    return family
 
 
-def _single_file_config(tensors: dict[str, TensorRef], metadata: dict[str, str], path: Path) -> ModelConfig:
-    """The config our own files carry in their header, else the SD 1.x sizes the tensors' shapes imply."""
+def _file_states_prediction_type(metadata: dict[str, str]) -> bool:
+    return "sdtorch.config" in metadata or "modelspec.prediction_type" in metadata
+
+
+def _single_file_config(tensors: dict[str, TensorRef], metadata: dict[str, str], path: Path,
+                        family: str) -> ModelConfig:
+    """The config our own files carry in their header, else the sizes the tensors' shapes imply."""
     if "sdtorch.config" in metadata:
         try:
             cfg = ModelConfig.from_dict(json.loads(metadata["sdtorch.config"]))
@@ -142,8 +159,16 @@ def _single_file_config(tensors: dict[str, TensorRef], metadata: dict[str, str],
             raise CheckpointError(f"{path}: unreadable sdtorch.config metadata ({e})") from None
         check_config_fits(cfg, {k: ref.shape for k, ref in tensors.items()}, str(path))
         return cfg
-    cfg = infer_sd1_config({k: ref.shape for k, ref in tensors.items()}, str(path))
+    cfg = infer_config({k: ref.shape for k, ref in tensors.items()}, family, str(path))
     return cfg.replace(prediction_type="v_prediction") if metadata.get("modelspec.prediction_type") == "v" else cfg
+
+
+def _with_prediction_type(cfg: ModelConfig, prediction_type: str) -> ModelConfig:
+    """SD 2.x's v models are the 768x768 ones (v2-inference-v.yaml), its ε models the 512x512 ones."""
+    cfg = cfg.replace(prediction_type=prediction_type)
+    if cfg.family == "sd2" and cfg.resolution in (512, 768):  # a resolution of its own (our header's) stays
+        cfg = cfg.replace(resolution=768 if prediction_type == "v_prediction" else 512)
+    return cfg
 
 
 def _sidecar_prediction_type(path: Path) -> str | None:

@@ -5,14 +5,15 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..models.stable_diffusion import StableDiffusionModels
+from ..models.stable_diffusion import StableDiffusionModels, text_encoder_prefixes
 from ..tokenizer import CLIPTokenizer
 from .diffusers_folder import write_diffusers_folder
 from .formats import cpu_tensor, write_safetensors
 from .load import LoadedCheckpoint, _load_checkpoint, check_dtype
+from .openclip_keys import to_openclip
 
 # Stability AI's model-metadata spec (github.com/Stability-AI/ModelSpec): lets other tools tell what a file is
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512"}
+ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
 
 
 def save_checkpoint(models_or_loaded: StableDiffusionModels | LoadedCheckpoint, path: str | Path, *,
@@ -34,10 +35,14 @@ def save_checkpoint(models_or_loaded: StableDiffusionModels | LoadedCheckpoint, 
     header = {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": path.stem,
               "modelspec.implementation": "https://github.com/CompVis/stable-diffusion",  # the key layout
               **kept, **(metadata or {}),
-              "modelspec.architecture": ARCHITECTURES.get(cfg.family, cfg.family),
+              "modelspec.architecture": "stable-diffusion-v2-768-v" if cfg.family == "sd2" and cfg.prediction_type
+              == "v_prediction" else ARCHITECTURES.get(cfg.family, cfg.family),
               "modelspec.prediction_type": "v" if cfg.prediction_type == "v_prediction" else "epsilon",
               "sdtorch.config": json.dumps(cfg.to_dict())}
     tensors = {k: cpu_tensor(t, dtype) for k, t in models.state_dict().items()}
+    for prefix, openclip in text_encoder_prefixes(cfg.family):
+        if openclip:  # SD 2.x/SDXL files hold their OpenCLIP towers under OpenCLIP's names
+            tensors = to_openclip(tensors, prefix)
     write_safetensors(tensors, path, header)
     return path
 

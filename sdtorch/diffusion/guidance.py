@@ -31,9 +31,10 @@ class CFGDenoiser:
         self.quantize_timesteps = quantize_timesteps
 
     def __call__(self, x: Tensor, sigma: Tensor, *, cond: Tensor, uncond: Tensor | None = None, cfg_scale: float = 1.0,
-                 guidance_rescale: float = 0.0, c_concat: Tensor | None = None) -> Tensor:
+                 guidance_rescale: float = 0.0, c_concat: Tensor | None = None, y: Tensor | None = None,
+                 uncond_y: Tensor | None = None) -> Tensor:
         """x (B, 4, h, w) at noise level σ (scalar or (B,)); cond/uncond (B, L, D); c_concat (B, 5, h, w) for
-        9-channel inpainting UNets. Returns x̂0 (B, 4, h, w)."""
+        9-channel inpainting UNets; y/uncond_y (B, adm) the added conditions of SDXL's UNet. Returns x̂0 (B, 4, h, w)."""
         batch = x.shape[0]
         # σ, t and the scalings stay in at least float32: σ ≈ 14.6 in fp16 would move t by a few tenths
         dtype = torch.promote_types(x.dtype, torch.float32)
@@ -58,12 +59,15 @@ class CFGDenoiser:
                                  f"got {tuple(c_concat.shape)}")
             x_in = torch.cat([x_in, c_concat.to(x_in.dtype)], dim=1)  # (B, 4, h, w) -> (B, 4 + C, h, w), not scaled
 
+        added = {} if y is None else {"y": y}  # only UNets with added conditions take y
         if not guided:  # scale 1 is the conditional prediction alone: skip the unconditional pass
-            out = self.unet(x_in, t, cond)
+            out = self.unet(x_in, t, cond, **added)
         else:
+            if y is not None:
+                added = {"y": torch.cat([uncond_y, y])}
             # One batched call, unconditional half first (as diffusers orders it): (2B, ...) -> 2 × (B, ...)
             out_uncond, out_cond = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
-                                             torch.cat([uncond, cond])).chunk(2)
+                                             torch.cat([uncond, cond]), **added).chunk(2)
             out = out_uncond + cfg_scale * (out_cond - out_uncond)
             if guidance_rescale > 0:
                 out = rescale_guidance(out, out_cond, guidance_rescale)

@@ -1,7 +1,9 @@
-"""CLIP's text transformer (Radford et al. 2021), the text encoder of SD 1.x.
+"""CLIP's text transformer (Radford et al. 2021): OpenAI's ViT-L/14 tower of SD 1.x, and OpenCLIP's ViT-H/14
+(SD 2.x) and ViT-bigG/14 (SDXL) towers, which are the same network with GELU and other sizes.
 
 Attribute names mirror Hugging Face's `CLIPTextModel`, which is what the original SD 1.x checkpoints store under
-`cond_stage_model.transformer.text_model.*`.
+`cond_stage_model.transformer.text_model.*`; OpenCLIP's own names (SD 2.x/SDXL files) are renamed on the way in and
+out by checkpoint/openclip_keys.py.
 """
 import torch
 import torch.nn.functional as F
@@ -85,11 +87,10 @@ class CLIPTextModel(nn.Module):
         self.embeddings = CLIPEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        if cfg.projection_dim is not None:
+            self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1, token_embeds: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """clip_skip in A1111's numbering: 1 = last layer, 2 = penultimate layer; the final LayerNorm is applied to
-        whichever layer is returned, as A1111 does. token_embeds: see CLIPEmbeddings."""
+    def check_ids(self, input_ids: torch.Tensor) -> None:
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -97,9 +98,35 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"at most {cfg.max_position_embeddings} tokens per sequence, got {input_ids.shape[1]}")
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got [{input_ids.min()}, {input_ids.max()}]")
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1, token_embeds: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """clip_skip in A1111's numbering: 1 = last layer, 2 = penultimate layer; the final LayerNorm is applied to
+        whichever layer is returned, as A1111 does (and SD 2.x's penultimate-layer conditioning). token_embeds: see
+        CLIPEmbeddings."""
+        cfg = self.config
+        self.check_ids(input_ids)
         if not 1 <= clip_skip <= cfg.num_hidden_layers:
             raise ValueError(f"clip_skip must be in [1, {cfg.num_hidden_layers}], got {clip_skip}")
         x = self.embeddings(input_ids, token_embeds)
         for layer in self.encoder.layers[: cfg.num_hidden_layers - clip_skip + 1]:  # skipped layers never run
             x = layer(x)
         return self.final_layer_norm(x)
+
+    def hidden_and_pooled(self, input_ids: torch.Tensor, clip_skip: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's use of a tower (Podell et al. 2023, sec. 2.1): layer -clip_skip's hidden states WITHOUT the final
+        LayerNorm (B, L, D), and the pooled text (B, P): the last layer, normed, at each row's end-of-text token (the
+        highest id, as OpenCLIP finds it), through `text_projection` when the tower has one."""
+        self.check_ids(input_ids)
+        cfg = self.config
+        x = self.embeddings(input_ids)
+        hidden = None
+        for i, layer in enumerate(self.encoder.layers):
+            x = layer(x)
+            if i == cfg.num_hidden_layers - clip_skip:
+                hidden = x
+        last = self.final_layer_norm(x)
+        pooled = last[torch.arange(len(input_ids), device=last.device), input_ids.argmax(dim=-1)]  # (B, L, D) -> (B, D)
+        if cfg.projection_dim is not None:
+            pooled = self.text_projection(pooled)
+        return hidden, pooled

@@ -54,7 +54,7 @@ class ResBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Transformer over the H·W positions of a feature map, cross-attending to the text context."""
 
-    def __init__(self, cfg: UNetConfig, channels: int):
+    def __init__(self, cfg: UNetConfig, channels: int, depth: int):
         super().__init__()
         heads, dim_head = cfg.heads_and_dim(channels)
         self.linear = cfg.use_linear_in_transformer
@@ -63,7 +63,7 @@ class SpatialTransformer(nn.Module):
         proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, heads, dim_head, cfg.context_dim) for _ in range(cfg.transformer_depth))
+            BasicTransformerBlock(channels, heads, dim_head, cfg.context_dim) for _ in range(depth))
         self.proj_out = proj()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -119,6 +119,9 @@ class UNet(nn.Module):
         mc = cfg.model_channels
         emb_ch = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if cfg.adm_in_channels:  # SDXL: y (B, adm) -> (B, 4·mc), added to the time embedding (keys label_emb.0.*)
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(),
+                                                         nn.Linear(emb_ch, emb_ch)))
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         skip_channels = [mc]  # widths of the activations the down path hands to the up path
@@ -128,7 +131,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(cfg, ch, emb_ch, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(SpatialTransformer(cfg, ch))
+                    layers.append(SpatialTransformer(cfg, ch, cfg.depth(level)))
                 self.input_blocks.append(TimestepEmbedSequential(layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -137,7 +140,7 @@ class UNet(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            [ResBlock(cfg, ch, emb_ch, ch), SpatialTransformer(cfg, ch), ResBlock(cfg, ch, emb_ch, ch)])
+            [ResBlock(cfg, ch, emb_ch, ch), SpatialTransformer(cfg, ch, cfg.depth()), ResBlock(cfg, ch, emb_ch, ch)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -145,7 +148,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(cfg, ch + skip_channels.pop(), emb_ch, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(SpatialTransformer(cfg, ch))
+                    layers.append(SpatialTransformer(cfg, ch, cfg.depth(level)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -154,8 +157,13 @@ class UNet(nn.Module):
         self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, ch), nn.SiLU(),
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None) -> None:
         cfg = self.config
+        if (y is None) != (not cfg.adm_in_channels):
+            raise ValueError(f"this UNet takes y (B, {cfg.adm_in_channels})" if cfg.adm_in_channels
+                             else "this UNet takes no y (it has no added conditions)")
+        if y is not None and y.shape != (x.shape[0], cfg.adm_in_channels):
+            raise ValueError(f"UNet expects y ({x.shape[0]}, {cfg.adm_in_channels}), got {tuple(y.shape)}")
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"UNet expects latents (B, {cfg.in_channels}, h, w), got {tuple(x.shape)}")
         if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
@@ -163,14 +171,18 @@ class UNet(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"expected one timestep per sample, shape ({x.shape[0]},), got {tuple(t.shape)}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x (B, C, h, w) noised latents, t (B,) timesteps (one per sample, may be fractional), context (B, L, D)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, h, w) noised latents, t (B,) timesteps (one per sample, may be fractional), context (B, L, D);
+        y (B, adm_in_channels) the added conditions of UNets that have them (SDXL)."""
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        self.check_inputs(x, t, context)
+        self.check_inputs(x, t, context, y)
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))  # (B,) -> (B, 4·mc)
+        if y is not None:
+            emb = emb + self.label_emb(y.to(dtype))
         context = context.to(dtype)
         h = x.to(dtype)
         skips = []
