@@ -74,7 +74,9 @@ def read_diffusers_folder(folder: Path, files: ExitStack, prefer_fp16: bool = Fa
                          clip_pad_token_id=pad, resolution=1024 if family == "sdxl" else 512)
 
     tensors = {}
-    text_parts = dict(zip(("text_encoder", "text_encoder_2"), (p for p, _ in text_encoder_prefixes(family))))
+    # one or two text encoders: the names run out with the family's towers
+    text_parts = dict(zip(("text_encoder", "text_encoder_2"), (p for p, _ in text_encoder_prefixes(family)),
+                          strict=False))
     for part, rules in (("unet", unet_rules(unet)), ("vae", vae_rules(vae))) + tuple((p, None) for p in text_parts):
         weights = read_part_weights(folder / part, WEIGHT_NAMES[part], files, prefer_fp16)
         tensors.update(part_from_diffusers(part, weights, rules, f"{folder}/{part}", text_parts.get(part)))
@@ -170,7 +172,7 @@ def write_diffusers_folder(models: StableDiffusionModels, config: ModelConfig, t
     try:
         write_diffusers_configs(config, tokenizer, tmp)
         parts = {"unet": models.unet, "vae": models.vae,
-                 **dict(zip(("text_encoder", "text_encoder_2"), models.text_encoders))}
+                 **dict(zip(("text_encoder", "text_encoder_2"), models.text_encoders, strict=False))}  # 1 or 2
         for part, module in parts.items():
             state = {key: cpu_tensor(t, dtype) for key, t in module.state_dict().items()}
             write_safetensors(part_to_diffusers(part, state, config), tmp / part /
