@@ -409,7 +409,7 @@ def test_sdxl_img2img_equals_diffusers(sdxl_file, sdxl_folder):
     loaded = load_checkpoint(sdxl_file)
     pipe = Pipeline(loaded.models, loaded.tokenizer, loaded.config, device="cpu")
     ours = pipe.run(Settings(PROMPT, NEGATIVE, steps=4, cfg=5.0, sampler="Euler", seed=7, width=48, height=32,
-                             strength=0.6), init_image=init)
+                             strength=0.6, convention="diffusers"), init_image=init)  # diffusers' step count
     # diffusers takes our (posterior-mean) init latents directly and draws the same seed's noise
     theirs = ref(PROMPT, image=pipe.encode_image(pil_to_tensor(init)), strength=0.6, negative_prompt=NEGATIVE,
                  num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(7),

@@ -265,6 +265,9 @@ def with_config(tmp_path, model: Path, config) -> Path:
 @pytest.mark.parametrize("change, message", [
     ({"clip": {"num_hidden_layers": 1_000_000}}, "num_hidden_layers"),
     ({"clip": {"num_hidden_layers": 3}}, "does not match its tensors"),
+    ({"unet": {"transformer_depth": 1_000_000}}, "transformer_depth"),
+    ({"unet": {"transformer_depth": [1, 1_000_000]}}, "transformer_depth"),
+    ({"unet": {"adm_in_channels": 1 << 30}}, "adm_in_channels"),
     ({"resolution": 100_000}, "resolution"),
     ({"resolution": 36}, "resolution"),
     ({"unet": {"model_channels": "abc"}}, "model_channels"),

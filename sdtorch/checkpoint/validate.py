@@ -15,6 +15,7 @@ MAX_RESOLUTION = 16384
 _DEPTHS = {"num_hidden_layers", "num_res_blocks", "transformer_depth", "num_heads", "num_attention_heads",
            "channel_mult", "ch_mult", "attention_resolutions"}
 _SIGNED = {"num_head_channels", "clip_pad_token_id"}  # -1 / None mean "not used"
+_ZERO_OK = {"adm_in_channels"}  # 0: no added conditions (all but SDXL)
 
 
 def check_fields(obj, where: str, prefix: str = "", values: dict | None = None) -> None:
@@ -30,9 +31,15 @@ def check_fields(obj, where: str, prefix: str = "", values: dict | None = None) 
         elif kind in ("int", "int|None") and not (value is None and kind == "int|None"):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise _bad(where, name, value, "not an integer")
-            low, high = -1 if f.name in _SIGNED else 1, MAX_DEPTH if f.name in _DEPTHS else MAX_WIDTH
+            low = -1 if f.name in _SIGNED else 0 if f.name in _ZERO_OK else 1
+            high = MAX_DEPTH if f.name in _DEPTHS else MAX_WIDTH
             if not low <= value <= high:
                 raise _bad(where, name, value, f"outside [{low}, {high}]")
+        elif kind == "int|tuple[int,...]":  # transformer_depth: one count, or one per level (SDXL: 0 = none there)
+            counts = value if isinstance(value, tuple) else (value,)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_DEPTH for v in counts) \
+                    or not 1 <= len(counts) <= 8:
+                raise _bad(where, name, value, f"not 1 to 8 integers in [0, {MAX_DEPTH}]")
         elif kind == "tuple[int,...]":
             if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool)
                                                        and 1 <= v <= MAX_DEPTH for v in value):
