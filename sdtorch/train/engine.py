@@ -415,7 +415,7 @@ class Run:
                     self.objective.export(export)
         records = self.read_log() if self.is_main else []
         if any(r["kind"] == "train" for r in records) and not save_loss_plot(records, self.out / "loss.png"):
-            print("no loss.png: matplotlib is not installed (pip install 'sdtorch[plots]'); the losses are in "
+            print("no loss.png: matplotlib is not installed (pip install matplotlib); the losses are in "
                   "log.jsonl", file=sys.stderr)
         evals = [r for r in records if r["kind"] == "eval"]
         timed = sum(self.timers.values()) or 1.0
