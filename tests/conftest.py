@@ -28,3 +28,13 @@ def tiny_models(cfg: ModelConfig = TINY, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_cfg() -> ModelConfig:
     return TINY
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models' ops are too small to split across threads; on a busy machine two threads wait for each other
+    (each call ~10x slower), one keeps a tiny UNet call at ~8 ms. Modules use it with pytest.mark.usefixtures."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

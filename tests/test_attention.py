@@ -16,13 +16,7 @@ PROMPT = "a red circle on the left and a blue square"
 TOL = 1e-5  # fp32; the explicit product and the fused kernel differ by summation order only (measured ~1e-7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to split across threads; on a busy machine two threads wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ TINY = SD1.replace(unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_r
                                    num_heads=4, context_dim=32))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet's ops are too small to split across threads; on a busy machine two threads make each call ~10x
-    slower (they wait for each other), one thread keeps a call at ~8 ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
