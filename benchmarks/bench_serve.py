@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import sdtorch  # noqa: E402
+from sdtorch import memory  # noqa: E402
 from serve_helpers import Server  # noqa: E402
 
 PROMPT = "a large red circle in the center on a blue background"
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads of both sides (on a busy machine 1 avoids OpenMP's barrier stalls)")
     args = parser.parse_args()
+    # both sides tune malloc before any thread starts, as `sdtorch serve` does (sdtorch.memory.keep_freed_blocks)
+    memory.keep_freed_blocks()
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

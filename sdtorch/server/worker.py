@@ -97,6 +97,10 @@ class Worker:
 
     # -- the request side ----------------------------------------------------------------------------------------
     def start(self) -> None:
+        if str(self.device) in ("auto", "cpu"):
+            from .. import memory
+
+            memory.keep_freed_blocks()  # before the thread starts, or its activations miss the tuned heap (memory.py)
         self._thread.start()
 
     def submit(self, job: Job) -> Future:
