@@ -69,7 +69,10 @@ def setup(tmp_path_factory):
                                                       "--strength", 0.6, *CLI_SETTINGS)),
             "inpaint": (tmp / "cli_inpaint.png", cli(tmp / "cli_inpaint.png", "a yellow circle", "--model", model,
                                                       "--seed", 13, "--init-image", tmp / "init.png", "--mask",
-                                                      tmp / "mask.png", "--strength", 0.9, *CLI_SETTINGS))}
+                                                      tmp / "mask.png", "--strength", 0.9, *CLI_SETTINGS)),
+            "hires": (tmp / "cli_hires.png", cli(tmp / "cli_hires.png", PROMPT, "--model", model, "--seed", 14,
+                                                  "--hires-scale", 1.5, "--hires-strength", 0.6, "--hires-upscaler",
+                                                  "Latent (nearest)", *CLI_SETTINGS))}
     server = Server("--models-dir", models, "--model", model, "--max-queue", 24, "--max-pixels", MAX_PIXELS,
                     "--outdir", tmp / "outputs")
     for _, proc in refs.values():
@@ -110,6 +113,18 @@ def test_txt2img_equals_the_cli_image_and_carries_its_parameters(api, setup):
     assert result.info["infotexts"] == [result.image.info["parameters"]]
     assert {"subseed", "all_subseeds", "sd_model_name", "job_timestamp"} <= set(result.info)
     assert result.parameters["prompt"] == PROMPT and result.parameters["steps"] == 4
+
+
+def test_hires_fix_equals_the_cli_image(api, setup):
+    """enable_hr with A1111's hr_* fields runs the same second pass as `generate --hires-scale`."""
+    result = api.txt2img(prompt=PROMPT, seed=14, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent (nearest)",
+                         denoising_strength=0.6, **SETTINGS)
+    cli_png = setup["refs"]["hires"]
+    assert result.image.size == (96, 96)
+    assert np.array_equal(pixels(result.image), pixels(cli_png))
+    with Image.open(cli_png) as im:
+        assert result.image.info["parameters"] == im.info["parameters"]
+    assert "Hires upscale: 1.5" in result.info["infotexts"][0] and result.info["denoising_strength"] == 0.6
 
 
 def test_img2img_equals_the_cli_image(api, setup):
@@ -329,7 +344,11 @@ MALFORMED = [
     ("cfg_scale NaN", "txt2img", {**GOOD, "cfg_scale": "nan"}, AUTH, 422, "cfg_scale"),
     ("unknown sampler", "txt2img", {**GOOD, "sampler_name": "Eulr a"}, AUTH, 422, "Euler a"),
     ("unknown scheduler", "txt2img", {**GOOD, "scheduler": "fancy"}, AUTH, 422, "scheduler"),
-    ("hires fix asked", "txt2img", {**GOOD, "enable_hr": True}, AUTH, 422, "enable_hr"),
+    ("hires with a network upscaler", "txt2img", {**GOOD, "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, AUTH,
+     422, "hr_upscaler"),
+    ("hires past --max-pixels", "txt2img", {**GOOD, "enable_hr": True, "hr_scale": 8}, AUTH, 422, "hr_scale"),
+    ("hires with its own sampler", "txt2img", {**GOOD, "enable_hr": True, "hr_sampler_name": "DDIM"}, AUTH, 422,
+     "hr_sampler_name"),
     ("override_settings is a list", "txt2img", {**GOOD, "override_settings": [1]}, AUTH, 422, "override_settings"),
     ("model ../../etc/passwd", "txt2img", {**GOOD, "override_settings": {"sd_model_checkpoint": "../../etc/passwd"}},
      AUTH, 404, "sd_model_checkpoint"),

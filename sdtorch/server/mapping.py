@@ -13,6 +13,7 @@ import json
 
 from PIL import Image, ImageOps
 
+from .. import hires
 from ..diffusion.samplers import SCHEDULES, parse_sampler_name
 
 
@@ -39,8 +40,6 @@ def schedule_from_a1111(name: str | None) -> str | None:
 
 def generation_kwargs(req, options: dict, resolution: int, max_pixels: int) -> dict:
     """The keyword arguments of pipe.txt2img / img2img / inpaint for one batch of an A1111 request (seed excepted)."""
-    if req.enable_hr:
-        raise FieldError("enable_hr", "hires fix is not supported by this server yet")
     if req.subseed_strength:
         raise FieldError("subseed_strength", "variation seeds are not supported")
     try:
@@ -56,12 +55,19 @@ def generation_kwargs(req, options: dict, resolution: int, max_pixels: int) -> d
     for field, value in (("width", width), ("height", height)):
         if value % 8:
             raise FieldError(field, f"must be a multiple of 8, got {value}")
-    if width * height * req.batch_size > max_pixels:
-        raise FieldError("width", f"width x height x batch_size = {width * height * req.batch_size} pixels is more "
-                                  f"than this server's --max-pixels {max_pixels}")
     kwargs = dict(negative=req.negative_prompt, steps=req.steps, cfg=req.cfg_scale, sampler=sampler.name,
                   schedule=schedule_from_a1111(req.scheduler) or named_schedule, width=width, height=height,
                   batch=req.batch_size, clip_skip=clip_skip)
+    final_w, final_h = width, height
+    if getattr(req, "enable_hr", False):
+        kwargs.update(hires_kwargs(req, sampler.name, kwargs["schedule"]))
+        final_w, final_h, cut_x, cut_y = hires.target_size(width, height, kwargs.get("hires_scale"),
+                                                           kwargs.get("hires_resize"))
+        final_w, final_h = final_w - 8 * cut_x, final_h - 8 * cut_y
+    if final_w * final_h * req.batch_size > max_pixels:
+        raise FieldError("hr_scale" if (final_w, final_h) != (width, height) else "width",
+                         f"width x height x batch_size = {final_w * final_h * req.batch_size} pixels is more "
+                         f"than this server's --max-pixels {max_pixels}")
     # A1111 uses eta only where the sampler has one, and writes it into the infotext only when not the default
     eta = inspect.signature(sampler.fn).parameters.get("eta")
     if req.eta is not None and eta is not None and req.eta != eta.default:
@@ -70,6 +76,30 @@ def generation_kwargs(req, options: dict, resolution: int, max_pixels: int) -> d
         kwargs.update(strength=req.denoising_strength, resize_mode=req.resize_mode)
         if req.mask:
             kwargs["mask_blur"] = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
+    return kwargs
+
+
+def hires_kwargs(req, sampler: str, schedule: str | None) -> dict:
+    """A1111's hires-fix fields -> the pipeline's hires_* settings. The second pass runs with the first pass's
+    sampler, prompt and model (A1111's "Use same …"); a request for another one is refused by field."""
+    same = {"hr_sampler_name": (None, "", "Use same sampler", sampler),
+            "hr_scheduler": (None, "", "Use same scheduler", schedule),
+            "hr_checkpoint_name": (None, "", "Use same checkpoint"),
+            "hr_prompt": ("", req.prompt), "hr_negative_prompt": ("", req.negative_prompt)}
+    for field, allowed in same.items():
+        if getattr(req, field) not in allowed:
+            raise FieldError(field, "a second pass with its own sampler, scheduler, checkpoint or prompt is not "
+                                    "supported; leave it empty to use the first pass's")
+    try:
+        upscaler = hires.resolve_upscaler(req.hr_upscaler or "Latent")
+    except ValueError as e:
+        raise FieldError("hr_upscaler", str(e)) from None
+    kwargs = dict(hires_upscaler=upscaler, hires_steps=req.hr_second_pass_steps,
+                  hires_strength=0.75 if req.denoising_strength is None else req.denoising_strength)
+    if req.hr_resize_x or req.hr_resize_y:
+        kwargs["hires_resize"] = (req.hr_resize_x, req.hr_resize_y)
+    else:
+        kwargs["hires_scale"] = req.hr_scale
     return kwargs
 
 
@@ -133,7 +163,8 @@ def a1111_info(req, kwargs: dict, seed: int, subseed: int, images: list, model_n
         "sampler_name": kwargs["sampler"], "cfg_scale": req.cfg_scale, "steps": req.steps,
         "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model_name, "sd_model_hash": model_hash, "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": kwargs.get("strength"),
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": kwargs.get("strength", kwargs.get("hires_strength")),
         "extra_generation_params": {"Schedule type": kwargs.get("schedule")} if kwargs.get("schedule") else {},
         "index_of_first_image": 0, "infotexts": [im.info.get("parameters", "") for im in images],
         "styles": req.styles, "job_timestamp": timestamp, "clip_skip": clip_skip,

@@ -47,11 +47,22 @@ class GenerationRequest(_Lenient):
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
     save_images: bool = False
-    enable_hr: bool = False
 
 
 class Txt2ImgRequest(GenerationRequest):
-    denoising_strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    denoising_strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)  # hires fix's; None: 0.75
+    # A1111's hires fix (StableDiffusionProcessingTxt2Img): a second img2img pass at a larger size
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, gt=0, le=8, allow_inf_nan=False)
+    hr_upscaler: str | None = None  # None: "Latent", A1111's default latent mode
+    hr_second_pass_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    hr_resize_x: int = Field(0, ge=0)
+    hr_resize_y: int = Field(0, ge=0)
+    hr_sampler_name: str | None = None  # only "Use same sampler" (or the same name): one sampler per job here
+    hr_scheduler: str | None = None
+    hr_checkpoint_name: str | None = None
+    hr_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    hr_negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
 
 
 class Img2ImgRequest(GenerationRequest):
