@@ -30,7 +30,29 @@ def test_a_perfect_generator_scores_100_percent():
     result = evaluate(FakePipe(perfect=True), count=20)
     assert all(v == 1.0 for v in result["accuracy"].values()), result["accuracy"]
     assert result["vae_psnr"] > 60  # identity "VAE"
-    assert "position" in format_table(result)
+    assert result["all_right"] == 1.0 and {n: g["all_right"] for n, g in result["by_shapes"].items()} == {1: 1, 2: 1}
+    table = format_table(result)
+    assert "position" in table and "2 shapes" in table and "everything" in table
+
+
+def test_two_shape_scenes_are_scored_apart():
+    """A generator that draws only the first shape of each caption gets one-shape scenes right and no two-shape scene
+    fully right; the per-group counts add up to the whole."""
+    from sdtorch.train.shapes import SceneSpec, caption, render, sample_scene
+
+    class FirstShapeOnly(FakePipe):
+        def txt2img(self, caption_text, seed, width, height, **kwargs):
+            import random
+            rng = random.Random(f"sdtorch-shapes:{EVAL_SEED}:{seed - EVAL_SEED}")
+            scene = sample_scene(rng)
+            assert caption(scene) == caption_text
+            return [render(SceneSpec(scene.background, scene.shapes[:1]), width, rng)]
+
+    result = evaluate(FirstShapeOnly(perfect=True), count=40)
+    one, two = result["by_shapes"][1], result["by_shapes"][2]
+    assert one["images"] + two["images"] == 40 and two["images"] > 5
+    assert one["all_right"] == 1.0 and two["all_right"] == 0.0 and two["accuracy"]["count"] == 0.0
+    assert abs(result["all_right"] - one["images"] / 40) < 1e-9
 
 
 def test_a_blank_generator_scores_badly():
