@@ -18,6 +18,9 @@ The layouts, told apart by tensor names (never by file name):
 
 `apply_networks` patches the affected weights: each becomes a new fp32 tensor W' (one fused addmm), and the
 original tensor is kept aside and put back by `restore`, so switching networks returns the base weights bit for bit.
+A generation merges the text encoder's layers for the prompt's encoding and the UNet's for the sampling loop, and
+restores each right after (`AppliedNetworks.merged`): a merged weight is ordinary memory that cannot leave RAM
+between phases as a memory-mapped one does, so it exists only while its phase runs.
 Chosen over computing the low-rank term beside each layer because the merged layer costs the same work per call as
 the plain one, while the side term adds r·(in + out) multiply-adds per token to in·out (20% for rank 32 on a
 320-wide layer), and because the Upsample's conv reads its weight directly (models/upsample.py), where no hook on
@@ -26,6 +29,7 @@ the oneDNN packs (models/packed.py) can replace; benchmarks/bench_lora.py measur
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -271,21 +275,37 @@ def _check_shape(path: Path, layer: str, update: LayerUpdate, module: nn.Module)
 # ---- applying and restoring ------------------------------------------------------------------------------------------
 
 class AppliedNetworks:
-    """The networks currently merged into a model's weights, and the original weight tensors to put back."""
+    """The networks a model carries: merged into one part's weights for the phase that runs it (`merged`), or into
+    all of them until `restore` (`set`); the original weight tensors are kept aside and put back."""
 
     def __init__(self, models):
         self.models = models
-        self.active: list[tuple[str, float, float, str]] = []  # (path, unet multiplier, te multiplier, mtime)
+        self.networks: list[tuple[Network, float, float]] = []  # what `merged` merges
         self.originals: dict[nn.Module, nn.Parameter] = {}
 
-    def set(self, networks: list[tuple[Network, float, float]]) -> None:
-        """Merge exactly these (network, unet multiplier, te multiplier); a no-op when they are already merged."""
-        wanted = [(str(n.path), u, te, n.path.stat().st_mtime_ns) for n, u, te in networks]
-        if wanted == self.active:
+    def use(self, networks: list[tuple[Network, float, float]]) -> None:
+        """The (network, unet multiplier, te multiplier) the next phases merge; [] for the base weights."""
+        self.networks = list(networks)
+
+    @contextlib.contextmanager
+    def merged(self, part: str):
+        """Within the block, `part` ("unet" or "text_encoder") runs with the networks merged; afterwards its original
+        tensors are back and the merged ones freed. A generation merges each part for its own phase, so merged
+        weights never sit in RAM beside the phases that do not use them (the VAE's decode, the next prompt's wait);
+        merging the SD 1.5 size's rank-32 LoRA takes ~0.4 s here (benchmarks/bench_lora.py)."""
+        if not self.networks:
+            yield
             return
+        apply_networks(self.models, self.networks, self.originals, parts=(part,))
+        try:
+            yield
+        finally:
+            self.restore()
+
+    def set(self, networks: list[tuple[Network, float, float]]) -> None:
+        """Merge these networks into every part until `restore` (for a caller that runs the models itself)."""
         self.restore()
         apply_networks(self.models, networks, self.originals)
-        self.active = wanted
 
     def restore(self) -> None:
         """Put every original weight back (the very tensors that were there: bit for bit)."""
@@ -295,19 +315,18 @@ class AppliedNetworks:
                 original = nn.Parameter(original.data.to(current.device, current.dtype), requires_grad=False)
             module._parameters["weight"] = original
         self.originals.clear()
-        self.active = []
 
 
 @torch.no_grad()
 def apply_networks(models, networks: list[tuple[Network, float, float]],
-                   originals: dict[nn.Module, nn.Parameter]) -> None:
-    """Patch each affected layer's weight: W' = W + Σ ΔW·scale·multiplier, added network after network in fp32 as
-    A1111 does. W' is a new tensor; the original goes into `originals` (and its memory-mapped pages back to the OS:
-    they fault in again, unchanged, if it is restored)."""
+                   originals: dict[nn.Module, nn.Parameter], parts=PARTS) -> None:
+    """Patch each affected layer's weight in `parts`: W' = W + Σ ΔW·scale·multiplier, added network after network
+    in fp32 as A1111 does. W' is a new tensor; the original goes into `originals` (and its memory-mapped pages back
+    to the OS: they fault in again, unchanged, if it is restored)."""
     for network, unet_multiplier, te_multiplier in networks:
         for (part, name), update in network.layers.items():
             multiplier = unet_multiplier if part == "unet" else te_multiplier
-            if multiplier == 0:
+            if multiplier == 0 or part not in parts:
                 continue
             module = _module(models, part, name)
             weight = module.weight

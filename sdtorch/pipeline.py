@@ -184,7 +184,7 @@ class Pipeline:
         self._running: set[threading.Event] = set()  # one stop flag per generation running now
         self._running_lock = threading.Lock()
         # LoRA files named by <lora:NAME:W> tags, and textual-inversion embeddings named by their words (A1111's
-        # models/Lora and embeddings folders); the merged networks stay until a generation asks for others
+        # models/Lora and embeddings folders), merged into each model for its phase of a generation
         self.lora_dir = lora_dir
         self.embeddings = EmbeddingLibrary(embeddings_dir)
         self.networks = AppliedNetworks(self.models)
@@ -311,7 +311,8 @@ class Pipeline:
             tiled_vae = s.width * s.height > TILE_ABOVE_PIXELS
 
         prompt, negative = self.use_networks(s)  # the prompts without their <lora:...> tags
-        conditions = self.conditioning(replace(s, prompt=prompt, negative=negative), s.hashes)
+        with self.networks.merged("text_encoder"):
+            conditions = self.conditioning(replace(s, prompt=prompt, negative=negative), s.hashes)
         self._done_with(self.text_encoder)
 
         x0_latent = c_concat = latent_mask = None
@@ -349,7 +350,8 @@ class Pipeline:
         channels = self.config.unet.out_channels
         # on the CPU in fp32 the UNet's memory-mapped weights are laid out for oneDNN once for the loop, not at every
         # step; the packs replace the mapped pages, so only where these may be released
-        with packed_weights(self.unet) if self.release_idle_weights else contextlib.nullcontext():
+        with self.networks.merged("unet"), (packed_weights(self.unet) if self.release_idle_weights
+                                            else contextlib.nullcontext()):
             latents = sample(denoiser, sampler, s.steps, self.schedule, SeededNoise(s.seed, s.batch, s.rng),
                              (channels, h, w), init_latent=x0_latent, strength=s.strength, latent_mask=latent_mask,
                              img2img_fix_steps=s.img2img_fix_steps, **common)
@@ -412,13 +414,13 @@ class Pipeline:
         return c
 
     def use_networks(self, s: Settings) -> tuple[str, str]:
-        """Take the <lora:...> tags out of both prompts of resolved settings `s` and merge exactly those LoRAs into
-        the weights; none restores the base weights. Returns the prompts without tags; s.hashes gets A1111's
+        """Take the <lora:...> tags out of both prompts of resolved settings `s`: exactly those LoRAs are merged into
+        each model for its phase (none: the base weights). Returns the prompts without tags; s.hashes gets A1111's
         "Lora hashes"."""
         prompt, tags = extract_lora_tags(s.prompt)
         negative, negative_tags = extract_lora_tags(s.negative)  # A1111 applies a LoRA named there too
         networks = [(self.network(name), unet, te) for name, unet, te in tags + negative_tags]
-        self.networks.set(networks)
+        self.networks.use(networks)
         s.hashes["Lora hashes"] = _hash_list({name: network.short_hash for (name, _, _), (network, _, _)
                                              in zip(tags + negative_tags, networks, strict=True)})
         return prompt, negative

@@ -365,7 +365,8 @@ def test_merged_weights_in_the_packed_memory_mapped_pipeline(tmp_path):
     """An fp32 file is memory-mapped and its UNet packed for oneDNN during sampling, its pages released between
     phases. A merged weight is ordinary memory: release never drops it and packing leaves it unpacked (a pack would
     be a second copy), while the untouched mapped weights are packed as usual; the image equals the one of the plain
-    pipeline, and switching back gives the file's own bytes."""
+    pipeline. Each model carries the LoRA only for its own phase (the text encoder's layers are back while the UNet
+    samples), and after the generation every weight is the file's own bytes again."""
     import sdtorch
     from sdtorch.models import packed
 
@@ -387,14 +388,20 @@ def test_merged_weights_in_the_packed_memory_mapped_pipeline(tmp_path):
             seen["merged packed"] = [m.forward.packed is not None or not m.forward.plain
                                      for m in layers if id(m) in merged]
             seen["others packed"] = [m.forward.packed is not None for m in layers if id(m) not in merged]
+        text_encoder_layers = {id(m) for m in mapped.text_encoder.modules()}
+        seen["merged now"] = (len(mapped.networks.originals),
+                              sum(id(m) in text_encoder_layers for m in mapped.networks.originals))
 
     image = mapped.txt2img("a cat <lora:ink:1:unet=0.8>", callback=look, **GENERATE)[0]
     reference = plain.txt2img("a cat <lora:ink:1:unet=0.8>", **GENERATE)[0]
     assert abs(pixels(image) - pixels(reference)).max() <= 1
     if packed.available():
         assert seen["merged packed"] and not any(seen["merged packed"]) and any(seen["others packed"])
-    mapped.txt2img("a cat", **GENERATE)
+    assert seen["merged now"][0] > 0 and seen["merged now"][1] == 0  # UNet layers merged, text encoder's not
     from safetensors.torch import load_file
 
     stored = load_file(tmp_path / "model.safetensors")
+    assert not mapped.networks.originals
+    assert all(torch.equal(v, stored[k]) for k, v in mapped.models.state_dict().items())
+    mapped.txt2img("a cat", **GENERATE)
     assert all(torch.equal(v, stored[k]) for k, v in mapped.models.state_dict().items())
