@@ -1,14 +1,15 @@
-"""One rank-32 LoRA on the SD 1.5 size: UNet speed and peak RSS with none, with the LoRA merged into the
-weights (sdtorch's way, `sdtorch.lora`), and with its low-rank term computed beside each layer (the alternative),
-plus the time to switch LoRAs.
+"""One rank-32 LoRA on the SD 1.5 size: generation speed and peak RSS with none, with the LoRA merged into each
+model's weights for its phase (sdtorch's way, `sdtorch.lora`), and with its low-rank term computed beside each layer
+(the alternative), plus the time to merge and restore (what switching LoRAs costs).
 
-    python benchmarks/bench_lora.py [--rounds 3] [--size 256] [--steps 2] [--dir DIR | --files DIR]
+    python benchmarks/bench_lora.py [--rounds 3] [--size 512] [--steps 4] [--dir DIR | --files DIR]
 
 Random SD 1.5 weights are written once as an fp32 .safetensors (memory-mapped as users load it), and a kohya LoRA
 of rank 32 (alpha 16) on the layers kohya trains by default: the UNet's transformer blocks (attention, feed-forward,
 proj_in/out) and the text encoder's attention and MLP. Each variant runs in its own process (its own peak RSS), the
-variants take turns round after round so all see the same machine. Reported per variant: the median UNet call with
-CFG (batch 2) after the first, which also packs the weights, and the process's peak RSS (load included).
+variants take turns round after round so all see the same machine. Reported per variant: the median sampling step
+with CFG after the first (which also packs the weights), the whole txt2img call, and the process's peak RSS (load
+and VAE decode included), each also as its ratio to "none" in the same round.
 A benchmark, never a test.
 """
 import argparse
@@ -75,46 +76,39 @@ def add_beside(pipe, path: Path) -> None:
 
 
 def child(variant: str, model: str, lora: str, size: int, steps: int) -> dict:
-    """Load, merge or hook the LoRA, then time UNet calls with CFG (batch 2) as the sampling loop makes them: in the
-    packed-weights block, the first call (which packs) untimed."""
+    """Load, then one generation as a user runs it (tune_allocator as the command line): the prompt carries the
+    LoRA's tag ("merged": each model merged for its own phase), or the LoRA is hooked beside its layers, or none.
+    Reported: the median step (the first, which also packs, left out), the whole generation, and peak RSS."""
     import sdtorch
-    from sdtorch.models.packed import packed_weights
 
-    pipe = sdtorch.load(model, lora_dir=str(Path(lora).parent))
-    result = {}
-    if variant == "merged":
-        t0 = time.perf_counter()
-        pipe.networks.set([(pipe.network("lora32"), 1.0, 1.0)])
-        result["first_apply_s"] = time.perf_counter() - t0  # reading the file included
-    elif variant == "beside":
+    pipe = sdtorch.load(model, lora_dir=str(Path(lora).parent), tune_allocator=True)
+    prompt = "a photo of a cat" + (" <lora:lora32:1>" if variant == "merged" else "")
+    if variant == "beside":
         add_beside(pipe, Path(lora))
-    with torch.inference_mode():
-        cond, uncond = pipe.encode_prompts("a photo of a cat", "blurry", 1)
-        context = torch.cat([uncond, cond])
-        x = torch.randn(2, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
-        t = torch.tensor([500, 500])
-        times = []
-        with packed_weights(pipe.unet):
-            for _ in range(steps + 1):
-                start = time.perf_counter()
-                pipe.unet(x, t, context)
-                times.append(time.perf_counter() - start)
-    result.update(step=statistics.median(times[1:]),
+    stamps = []
+    start = time.perf_counter()
+    pipe.txt2img(prompt, steps=steps, width=size, height=size, seed=0, sampler="Euler",
+                 callback=lambda *_: stamps.append(time.perf_counter()))
+    result = dict(generation=time.perf_counter() - start,
+                  step=statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False)),
                   peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
-    if variant == "merged":  # switching: back to the base weights, and the (already read) LoRA merged again
+    if variant == "merged":  # what a generation pays to merge the (already read) LoRA, and to restore
+        networks = pipe.networks
+        networks.use([(pipe.network("lora32"), 1.0, 1.0)])
         t0 = time.perf_counter()
-        pipe.networks.set([])
-        t1 = time.perf_counter()
-        pipe.networks.set([(pipe.network("lora32"), 1.0, 1.0)])
-        result.update(restore_s=t1 - t0, apply_s=time.perf_counter() - t1)
+        with networks.merged("text_encoder"):
+            pass
+        with networks.merged("unet"):
+            t1 = time.perf_counter()
+        result.update(merge_s=t1 - t0, restore_s=time.perf_counter() - t1)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=2, help="timed UNet calls per process")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=4, help="sampling steps of each generation")
     parser.add_argument("--dir", help="where to write the 4.3 GB of weights (default: a temporary folder)")
     parser.add_argument("--files", help="a folder with sd15.safetensors and lora32.safetensors from an earlier run")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
@@ -133,13 +127,18 @@ def main() -> None:
                                       str(args.size), str(args.steps)], capture_output=True, text=True, check=True)
                 results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(variant, results[variant][-1], flush=True)
-    base = {k: statistics.median(r[k] for r in results["none"]) for k in ("step", "peak_rss_gb")}
+    print(f"SD 1.5 size, {args.size}x{args.size}, {args.steps} Euler steps with CFG, {args.rounds} rounds; "
+          f"ratios to 'none' per round (median, min-max)")
     for variant, runs in results.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(f"{variant:>7}: UNet step {med['step']:.2f} s ({med['step'] / base['step']:.3f}x), "
-              f"peak RSS {med['peak_rss_gb']:.2f} GB "
-              f"({med['peak_rss_gb'] / base['peak_rss_gb']:.3f}x)"
-              + (f", restore {med['restore_s']:.2f} s, apply {med['apply_s']:.2f} s" if "apply_s" in med else ""))
+
+        def ratio(key, runs=runs):
+            r = [run[key] / base[key] for run, base in zip(runs, results["none"], strict=True)]
+            return f"{statistics.median(r):.3f}x ({min(r):.3f}-{max(r):.3f})"
+
+        print(f"{variant:>7}: step {med['step']:.2f} s {ratio('step')}, generation {med['generation']:.1f} s "
+              f"{ratio('generation')}, peak RSS {med['peak_rss_gb']:.2f} GB {ratio('peak_rss_gb')}"
+              + (f"; merge {med['merge_s']:.2f} s, restore {med['restore_s']:.3f} s" if "merge_s" in med else ""))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ between phases as a memory-mapped one does, so it exists only while its phase ru
 Chosen over computing the low-rank term beside each layer because the merged layer costs the same work per call as
 the plain one, while the side term adds r·(in + out) multiply-adds per token to in·out (20% for rank 32 on a
 320-wide layer), and because the Upsample's conv reads its weight directly (models/upsample.py), where no hook on
-the layer would see it. The price is RAM: a merged weight is ordinary memory, which neither `memory.release` nor
-the oneDNN packs (models/packed.py) can replace; benchmarks/bench_lora.py measures both ways.
+the layer would see it. A merged weight is ordinary memory, which `memory.release` cannot drop: on the CPU the
+sampling loop packs it for oneDNN (models/packed.py), which then drops it, so RAM holds one copy, as without a LoRA.
+benchmarks/bench_lora.py measures both ways.
 """
 from __future__ import annotations
 
@@ -339,7 +340,7 @@ def apply_networks(models, networks: list[tuple[Network, float, float]],
                 originals[module] = weight
                 memory.release([weight])  # layer by layer, so RAM never holds both copies of many weights
             merged = nn.Parameter(work.to(weight.dtype), requires_grad=False)
-            merged.unmapped = True  # ordinary memory: models/packed.py runs its layer plainly rather than copy it
+            merged.original = originals[module]  # models/packed.py packs the merge and gives the layer this back
             module._parameters["weight"] = merged
 
 

@@ -12,7 +12,9 @@ tells the kernel its input size); on exit the packs are freed and their pages ha
 (`memory.trim_heap`). A pack is a copy of its weight, so by default it is kept only where it replaces one: where the
 original is a view of a file's memory map (an fp32 .safetensors loaded as it is), whose pages go back to the OS once
 packed (`memory.release`). Weights in ordinary memory (cast from fp16, say) run the plain ops, so that RAM never
-holds two copies. Inference only: while autograd records, layers run as usual.
+holds two copies. A LoRA-merged weight (ordinary memory that exists only for the sampling loop, sdtorch/lora.py) is
+packed and then dropped: the layer gets its original back, and its pack carries the merge until the block ends.
+Inference only: while autograd records, layers run as usual.
 
 The pipeline packs its UNet for each generation's sampling loop and frees the packs before the VAE decodes. Packing
 the SD 1.5 UNet makes the first step ~2 s slower (10.2 against 8.2 s here), repaid by the third step.
@@ -38,28 +40,33 @@ class _PackedForward:
 
     def __init__(self, layer: nn.Linear | nn.Conv2d, duplicates_ok: bool):
         self.layer, self.duplicates_ok = layer, duplicates_ok
-        self.packed, self.plain = None, False
+        self.packed, self.plain, self.carries_merge = None, False, False
         if isinstance(layer, nn.Conv2d):
             self.conv_args = list(layer.padding), list(layer.stride), list(layer.dilation), layer.groups
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         if self.plain or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+            if self.carries_merge:  # the layer's own weight lacks the LoRA now: running it would drop the LoRA
+                raise RuntimeError("a LoRA-merged layer was packed and can only run on its pack inside the block")
             return type(layer).forward(layer, x)
         if self.packed is None:
-            if not self.duplicates_ok and getattr(layer.weight, "unmapped", False):
-                # known to be ordinary memory (a LoRA-merged weight, sdtorch/lora.py): its pack would be a second
-                # copy, to be thrown away below; not made at all
-                self.plain = True
-                return type(layer).forward(layer, x)
             packed = self.pack(x)
-            # the pack stays if the original's memory-mapped pages could be given back (the original is not read
-            # again in the block): RAM then holds one copy of the weight, not two
-            released = memory.release([layer.weight])
-            if not (self.duplicates_ok or released >= layer.weight.nbytes - 2 * memory.PAGE):
-                self.plain = True
-                return type(layer).forward(layer, x)
-            self.packed = packed
+            original = getattr(layer.weight, "original", None)
+            if original is not None:
+                # a LoRA-merged weight (sdtorch/lora.py), ordinary memory: the pack takes its place, and the layer
+                # holds its original again (its mapped pages released), so RAM keeps one copy, packed
+                layer._parameters["weight"] = original
+                self.packed, self.carries_merge = packed, True
+                memory.trim_heap()  # the merged weight's freed block back to the OS now, not kept beside the packs
+            else:
+                # the pack stays if the original's memory-mapped pages could be given back (the original is not
+                # read again in the block): RAM then holds one copy of the weight, not two
+                released = memory.release([layer.weight])
+                if not (self.duplicates_ok or released >= layer.weight.nbytes - 2 * memory.PAGE):
+                    self.plain = True
+                    return type(layer).forward(layer, x)
+                self.packed = packed
         if isinstance(layer, nn.Linear):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, layer.bias, "none", [], "")
         return torch.ops.mkldnn._convolution_pointwise(x, self.packed, layer.bias, *self.conv_args, "none", [], "")
