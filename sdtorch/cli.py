@@ -26,7 +26,8 @@ class CLIError(Exception):
 # -- generate -------------------------------------------------------------------------------------------------------
 # the generation settings the options set; their defaults and checks are pipeline.Settings' (one source)
 SETTING_OPTIONS = ("prompt", "negative", "steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch",
-                   "strength", "clip_skip", "rng", "hires_scale", "hires_steps", "hires_upscaler", "hires_strength")
+                   "strength", "clip_skip", "rng", "hires_scale", "hires_steps", "hires_upscaler", "hires_strength",
+                   "ngms", "ngms_all_steps")
 HIRES_KEYS = ("hires_scale", "hires_resize", "hires_steps", "hires_upscaler", "hires_strength")
 
 
@@ -50,6 +51,11 @@ def add_generate(sub) -> None:
                    '"Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)", '
                    '"Lanczos", "Nearest", "None"')
     p.add_argument("--hires-strength", type=float, help="hires fix: denoising strength of the second pass (0.7)")
+    p.add_argument("--ngms", type=float, metavar="SIGMA",
+                   help="A1111's Negative Guidance minimum sigma: below it, every other step skips the negative "
+                   "prompt's pass (faster, approximate; 0 = off)")
+    p.add_argument("--ngms-all-steps", action="store_const", const=True,
+                   help="with --ngms: skip it at every step below the sigma, not every other one")
     p.add_argument("--seed", type=int, help="-1 (default) = random; the seed used is printed")
     p.add_argument("--width", type=int, help="default: the model's native resolution")
     p.add_argument("--height", type=int)

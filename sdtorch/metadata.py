@@ -36,6 +36,8 @@ _KWARG_NAMES = {
     "Hires upscale": ("hires_scale", float),
     "Hires steps": ("hires_steps", int),
     "Hires upscaler": ("hires_upscaler", str),
+    "NGMS": ("ngms", float),
+    "NGMS all steps": ("ngms_all_steps", lambda v: v == "True"),
 }
 
 
@@ -125,7 +127,8 @@ def params_to_kwargs(params: dict[str, str]) -> dict:
     Steps -> steps, Sampler -> sampler, Schedule type -> schedule, CFG scale -> cfg, Seed -> seed,
     Size "WxH" -> width, height, Clip skip -> clip_skip, Denoising strength -> strength, Model hash -> model_hash,
     Model -> model, RNG -> rng, Hires upscale -> hires_scale, Hires resize "WxH" -> hires_resize,
-    Hires steps -> hires_steps, Hires upscaler -> hires_upscaler. Only keys present in params appear in the result.
+    Hires steps -> hires_steps, Hires upscaler -> hires_upscaler, NGMS -> ngms, NGMS all steps -> ngms_all_steps.
+    Only keys present in params appear in the result.
     """
     kwargs = {}
     for key, value in params.items():

@@ -91,14 +91,19 @@ class Settings:
     hires_steps: int = 0  # 0: as many as the first pass
     hires_upscaler: str = "Latent"
     hires_strength: float = 0.7
+    # A1111's "Negative Guidance minimum sigma": below this σ every other step skips the unconditional pass (all steps
+    # with ngms_all_steps): faster, approximate (guidance.CFGDenoiser); 0 = off
+    ngms: float = 0.0
+    ngms_all_steps: bool = False
     loras: dict | None = None  # {name or path: w, or {"unet": w, "te": w}}: written into the prompt as <lora:...> tags
     # SDXL's size conditioning (Podell et al. 2023, sec. 2.2), as diffusers names them: original_size and
     # target_size (height, width), None = the image's; crop_top_left (top, left)
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
-    # A1111's "Lora hashes" and "TI hashes" texts of the files a generation used: filled in the resolved copy of the
-    # settings that a run returns (see Pipeline.run_resolved), never by the caller
+    # what a run found out that its PNG text carries: A1111's "Lora hashes" and "TI hashes" of the files it used, and
+    # "NGMS" when it did skip an unconditional pass; filled in the resolved copy of the settings that a run returns
+    # (see Pipeline.run_resolved), never by the caller
     hashes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -134,6 +139,8 @@ class Settings:
             raise SettingError("hires_strength", f"must be in [0, 1], got {self.hires_strength}")
         if not isinstance(self.hires_steps, int) or self.hires_steps < 0:
             raise SettingError("hires_steps", f"must be at least 0, got {self.hires_steps}")
+        if not isinstance(self.ngms, (int, float)) or not math.isfinite(self.ngms) or self.ngms < 0:
+            raise SettingError("ngms", f"must be a σ of at least 0 (0 = off), got {self.ngms}")
 
     def resolved(self, resolution: int) -> Settings:
         """A validated copy with nothing left open: the size (the model's `resolution` by default), a drawn seed
@@ -334,7 +341,8 @@ class Pipeline:
         if c_concat is not None:
             extra_args["c_concat"] = c_concat.to(self.device)
         unet = _OneImageAtATime(self.unet, s.batch) if self.batch_exact else self.unet
-        denoiser = CFGDenoiser(unet, self.schedule, self.config.prediction_type)
+        denoiser = CFGDenoiser(unet, self.schedule, self.config.prediction_type, s_min_uncond=s.ngms,
+                               s_min_uncond_all=s.ngms_all_steps)
 
         def on_step(info):
             if not torch.isfinite(info["denoised"]).all():
@@ -350,13 +358,16 @@ class Pipeline:
         channels = self.config.unet.out_channels
         # on the CPU in fp32 the UNet's memory-mapped weights are laid out for oneDNN once for the loop, not at every
         # step; the packs replace the mapped pages, so only where these may be released
-        with self.networks.merged("unet"), (packed_weights(self.unet) if self.release_idle_weights
-                                            else contextlib.nullcontext()):
+        # (merged inside the packing block: restored first, then the packs freed and the heap trimmed)
+        with (packed_weights(self.unet) if self.release_idle_weights else contextlib.nullcontext(),
+              self.networks.merged("unet")):
             latents = sample(denoiser, sampler, s.steps, self.schedule, SeededNoise(s.seed, s.batch, s.rng),
                              (channels, h, w), init_latent=x0_latent, strength=s.strength, latent_mask=latent_mask,
                              img2img_fix_steps=s.img2img_fix_steps, **common)
             if s.hires and init_image is None:
                 latents = self._hires_pass(s, latents, denoiser, sampler, common, tiled_vae)
+        if denoiser.skipped_uncond:
+            s.hashes["NGMS"] = str(s.ngms)
         self._done_with(self.unet)
         if latent_mask is not None:
             latents = latent_mask * latents + (1 - latent_mask) * x0_latent
@@ -383,6 +394,7 @@ class Pipeline:
             latents = self.encode_image(pixels, tiled_vae or to_w * to_h > TILE_ABOVE_PIXELS)
         latents = latents[:, :, cut_y // 2:latents.shape[2] - (cut_y + 1) // 2,
                           cut_x // 2:latents.shape[3] - (cut_x + 1) // 2]
+        denoiser.calls = 0  # a new sampler run, as A1111 counts NGMS's calls
         return sample(denoiser, sampler, s.hires_steps or s.steps, self.schedule, SeededNoise(s.seed, s.batch, s.rng),
                       tuple(latents.shape[1:]), init_latent=latents, strength=s.hires_strength,
                       img2img_fix_steps=True, **common)
@@ -484,6 +496,8 @@ class Pipeline:
             "Hires resize": f"{s.hires_resize[0]}x{s.hires_resize[1]}" if hires_pass and s.hires_resize else None,
             "Hires steps": (s.hires_steps or None) if hires_pass else None,
             "Hires upscaler": s.hires_upscaler if hires_pass else None,
+            "NGMS": s.ngms if "NGMS" in s.hashes else None,
+            "NGMS all steps": True if "NGMS" in s.hashes and s.ngms_all_steps else None,
             "TI hashes": s.hashes.get("TI hashes"), "Lora hashes": s.hashes.get("Lora hashes"),
             **conditioning.size_params(s),
         }
@@ -513,7 +527,7 @@ class _OneImageAtATime:
 _SETTINGS_FIELDS = {"steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch", "clip_skip",
                     "guidance_rescale", "eta", "rng", "convention", "img2img_fix_steps", "hires_scale", "hires_resize",
                     "hires_steps", "hires_upscaler", "hires_strength", "loras", "original_size", "crop_top_left",
-                    "target_size"}
+                    "target_size", "ngms", "ngms_all_steps"}
 
 
 def _settings_kwargs(kwargs: dict) -> dict:

@@ -144,3 +144,29 @@ def test_bad_inputs_raise(setup):
         denoiser(x, sigma, cond=cond, c_concat=torch.zeros(2, 5, 4, 4))
     with pytest.raises(ValueError, match="prediction_type"):
         CFGDenoiser(RecordingUNet(), schedule, "eps")
+
+
+@pytest.mark.parametrize("all_steps", [False, True])
+def test_ngms_skips_the_unconditional_pass_as_a1111_counts_calls(setup, all_steps):
+    """A1111's "Negative Guidance minimum sigma" (sd_samplers_cfg_denoiser.py): below σ = s_min_uncond, the calls
+    with an odd count since the sampler started (every call with the all-steps option) run the conditional half
+    alone, and return what guidance scale 1 returns."""
+    schedule, x, cond, uncond = setup
+    sigmas = [10.0, 5.0, 2.0, 1.0, 0.5, 0.2, 0.1]
+    unet = RecordingUNet()
+    denoiser = CFGDenoiser(unet, schedule, s_min_uncond=1.5, s_min_uncond_all=all_steps)
+    plain = CFGDenoiser(RecordingUNet(), schedule)
+    skipped = []
+    for i, sigma in enumerate(sigmas):
+        out = denoiser(x, torch.tensor(sigma), cond=cond, uncond=uncond, cfg_scale=7.0)
+        skip = (i % 2 == 1 or all_steps) and sigma < 1.5  # A1111's condition, written out
+        skipped.append(unet.calls[-1]["x"].shape[0] == 2)
+        reference = plain(x, torch.tensor(sigma), cond=cond, uncond=uncond, cfg_scale=1.0 if skip else 7.0)
+        torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    assert skipped == ([False, False, False, True, True, True, True] if all_steps
+                       else [False, False, False, True, False, True, False])
+    assert denoiser.skipped_uncond and denoiser.calls == len(sigmas)
+    off = CFGDenoiser(RecordingUNet(), schedule, s_min_uncond=0.05)  # below every σ: nothing skipped
+    for sigma in sigmas:
+        off(x, torch.tensor(sigma), cond=cond, uncond=uncond, cfg_scale=7.0)
+    assert not off.skipped_uncond

@@ -316,3 +316,23 @@ def test_nan_from_the_unet_or_an_fp32_vae_is_a_clear_error():
     pipe.unet.out[-1].bias.fill_(float("inf"))
     with pytest.raises(NaNError, match="UNet produced NaN/inf at step 1"):
         pipe.run(Settings(PROMPT, steps=2, seed=0, width=32, height=32))
+
+
+def test_ngms_is_written_as_a1111_writes_it_and_read_back(pipe):
+    """NGMS changes the image, is written into the PNG text only when it skipped a pass (A1111 adds the key from
+    inside the loop), and --from's reading of the text repeats the image."""
+    from sdtorch.cli import a1111_settings
+    from sdtorch.metadata import params_to_kwargs, parse_parameters
+
+    settings = dict(steps=6, sampler="Euler", seed=4, width=32, height=32)
+    base = pipe.txt2img(PROMPT, NEGATIVE, **settings)[0]
+    fast = pipe.txt2img(PROMPT, NEGATIVE, ngms=2.0, ngms_all_steps=True, **settings)[0]
+    unused = pipe.txt2img(PROMPT, NEGATIVE, ngms=1e-4, **settings)[0]  # below every σ of the schedule
+    assert not np.array_equal(np.asarray(base), np.asarray(fast))
+    assert np.array_equal(np.asarray(base), np.asarray(unused)) and "NGMS" not in unused.info["parameters"]
+    text = fast.info["parameters"]
+    assert text.endswith("NGMS: 2, NGMS all steps: True")
+    prompt, negative, params = parse_parameters(text)
+    again = pipe.txt2img(prompt, negative, **{k: v for k, v in a1111_settings(params_to_kwargs(params)).items()
+                                              if k not in ("prompt", "negative")})[0]
+    assert np.array_equal(np.asarray(fast), np.asarray(again))

@@ -20,15 +20,23 @@ class CFGDenoiser:
     `unet(x, t, context)` takes x (B, C, h, w), t (B,) float timesteps and context (B, L, D). With
     `quantize_timesteps` the UNet sees the nearest training timestep instead of a fractional one (A1111's
     "Enable quantization in K samplers"; diffusers' DPM-Solver schedulers round their Karras timesteps the same way).
+
+    `s_min_uncond` > 0 is A1111's "Negative Guidance minimum sigma" (NGMS), an approximation for speed: below that σ,
+    every other model call (every call with `s_min_uncond_all`) skips the unconditional half and returns the
+    conditional prediction alone, as guidance scale 1 would. Calls are counted from the sampler's start, as A1111's
+    CFGDenoiser.step counts them (`calls`; set it to 0 before another sampling run).
     """
 
     def __init__(self, unet, schedule: DiscreteSchedule, prediction_type: str = "epsilon",
-                 quantize_timesteps: bool = False):
+                 quantize_timesteps: bool = False, s_min_uncond: float = 0.0, s_min_uncond_all: bool = False):
         _check_prediction_type(prediction_type)
         self.unet = unet
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.quantize_timesteps = quantize_timesteps
+        self.s_min_uncond, self.s_min_uncond_all = s_min_uncond, s_min_uncond_all
+        self.calls = 0
+        self.skipped_uncond = False  # whether NGMS skipped any call (A1111 then writes "NGMS" into the infotext)
 
     def __call__(self, x: Tensor, sigma: Tensor, *, cond: Tensor, uncond: Tensor | None = None, cfg_scale: float = 1.0,
                  guidance_rescale: float = 0.0, c_concat: Tensor | None = None, y: Tensor | None = None,
@@ -45,7 +53,11 @@ class CFGDenoiser:
             raise ValueError(f"sigma must be a scalar or ({batch},), got {tuple(sigma.shape)}")
         if cond.dim() != 3 or cond.shape[0] != batch:
             raise ValueError(f"cond must be ({batch}, L, D), got {tuple(cond.shape)}")
-        guided = uncond is not None and cfg_scale != 1.0
+        skip_uncond = (self.s_min_uncond > 0 and (self.calls % 2 == 1 or self.s_min_uncond_all)
+                       and float(sigma[0]) < self.s_min_uncond)
+        self.calls += 1
+        self.skipped_uncond |= skip_uncond
+        guided = uncond is not None and cfg_scale != 1.0 and not skip_uncond
         if guided and uncond.shape != cond.shape:
             raise ValueError(f"uncond {tuple(uncond.shape)} must match cond {tuple(cond.shape)}; pad the shorter "
                              "prompt's context to the same length")
@@ -60,7 +72,7 @@ class CFGDenoiser:
             x_in = torch.cat([x_in, c_concat.to(x_in.dtype)], dim=1)  # (B, 4, h, w) -> (B, 4 + C, h, w), not scaled
 
         added = {} if y is None else {"y": y}  # only UNets with added conditions take y
-        if not guided:  # scale 1 is the conditional prediction alone: skip the unconditional pass
+        if not guided:  # scale 1 (or NGMS) is the conditional prediction alone: no unconditional pass
             out = self.unet(x_in, t, cond, **added)
         else:
             if y is not None:

@@ -72,6 +72,11 @@ def generation_kwargs(req, options: dict, resolution: int, max_pixels: int) -> d
     eta = inspect.signature(sampler.fn).parameters.get("eta")
     if req.eta is not None and eta is not None and req.eta != eta.default:
         kwargs["eta"] = req.eta
+    ngms = req.s_min_uncond if req.s_min_uncond is not None else overrides.get("s_min_uncond", 0.0)
+    if ngms:  # A1111's "Negative Guidance minimum sigma" (request field, or the option), and its all-steps option
+        if not isinstance(ngms, (int, float)) or isinstance(ngms, bool) or not 0 <= ngms <= 1000:
+            raise FieldError("override_settings.s_min_uncond", f"must be a number in 0..1000, got {ngms!r}")
+        kwargs.update(ngms=float(ngms), ngms_all_steps=overrides.get("s_min_uncond_all") is True)
     if hasattr(req, "init_images"):
         kwargs.update(strength=req.denoising_strength, resize_mode=req.resize_mode)
         if req.mask:

@@ -43,6 +43,7 @@ class GenerationRequest(_Lenient):
     width: int | None = Field(None, gt=0)  # None: the model's resolution (512 for SD 1.x, as A1111's default)
     height: int | None = Field(None, gt=0)
     eta: float | None = Field(None, ge=0, le=10, allow_inf_nan=False)
+    s_min_uncond: float | None = Field(None, ge=0, le=1000, allow_inf_nan=False)  # NGMS; None: the option's (0)
     override_settings: dict[str, Any] = {}
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
