@@ -302,6 +302,7 @@ class AppliedNetworks:
             yield
         finally:
             self.restore()
+            memory.trim_heap()  # the merged weights' freed blocks back to the OS, not kept for the next phase
 
     def set(self, networks: list[tuple[Network, float, float]]) -> None:
         """Merge these networks into every part until `restore` (for a caller that runs the models itself)."""
