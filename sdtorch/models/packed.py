@@ -35,6 +35,10 @@ def available() -> bool:
             and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
 
 
+TRIM_EVERY = 64 << 20  # bytes of dropped LoRA-merged weights between two heap trims
+_dropped_merges: list[int] = []
+
+
 class _PackedForward:
     """Stands in for one layer's `forward` (as an instance attribute, which shadows the class's method)."""
 
@@ -56,9 +60,13 @@ class _PackedForward:
             if original is not None:
                 # a LoRA-merged weight (sdtorch/lora.py), ordinary memory: the pack takes its place, and the layer
                 # holds its original again (its mapped pages released), so RAM keeps one copy, packed
+                merged_bytes = layer.weight.nbytes
                 layer._parameters["weight"] = original
                 self.packed, self.carries_merge = packed, True
-                memory.trim_heap()  # the merged weight's freed block back to the OS now, not kept beside the packs
+                _dropped_merges.append(merged_bytes)
+                if sum(_dropped_merges) >= TRIM_EVERY:  # freed merged blocks back to the OS, not kept beside the
+                    _dropped_merges.clear()              # packs; in batches, as each trim walks the whole heap
+                    memory.trim_heap()
             else:
                 # the pack stays if the original's memory-mapped pages could be given back (the original is not
                 # read again in the block): RAM then holds one copy of the weight, not two
