@@ -22,6 +22,7 @@ Scenes that cannot be laid out this way (two large shapes stacked in neighbourin
 
 import itertools
 import json
+import math
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -42,6 +43,11 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Shapes the grammar can draw and read but never samples: the built-in model has not seen them, so a LoRA can teach
+# one (scripts/lora_shape.py). A diamond (a square standing on a corner, its diagonals the extent) and a five-pointed
+# star, apex up, inner radius STAR_INNER of the outer.
+NEW_SHAPES: tuple[str, ...] = ("diamond", "star")
+STAR_INNER = 0.5
 SIZES: tuple[str, ...] = ("small", "medium", "large")
 # Row-major over the 3x3 grid: cell = 3 * row + column.
 POSITIONS: tuple[str, ...] = (
@@ -68,8 +74,8 @@ class ShapeSpec:
     cell: int | None = None  # 0..8, row-major over the 3x3 grid
 
     def __post_init__(self):
-        if self.shape not in SHAPES:
-            raise ValueError(f"shape must be one of {SHAPES}, got {self.shape!r}")
+        if self.shape not in SHAPES + NEW_SHAPES:
+            raise ValueError(f"shape must be one of {SHAPES + NEW_SHAPES}, got {self.shape!r}")
         if self.color not in PALETTE:
             raise ValueError(f"color must be one of {tuple(PALETTE)}, got {self.color!r}")
         if self.size not in SIZES:
@@ -126,7 +132,7 @@ def _alternatives(words: Iterable[str]) -> str:
 
 _SHAPE_PATTERN = (
     rf"an? (?:(?P<size{{i}}>small|medium|large) )?(?P<color{{i}}>{_alternatives(PALETTE)}) "
-    rf"(?P<shape{{i}}>{_alternatives(SHAPES)})(?: (?P<position{{i}}>{_alternatives(POSITIONS)}))?"
+    rf"(?P<shape{{i}}>{_alternatives(SHAPES + NEW_SHAPES)})(?: (?P<position{{i}}>{_alternatives(POSITIONS)}))?"
 )
 _CAPTION_RE = re.compile(
     _SHAPE_PATTERN.format(i=0)
@@ -165,7 +171,16 @@ def _reach(s: ShapeSpec) -> tuple[float, float, float, float]:
     if s.shape == "triangle":
         # An upward triangle's centroid sits two thirds of the way down from its apex.
         return e / 2, 2 * e / 3, e / 2, e / 3
+    if s.shape == "star":  # outer radius e/2 around the centroid: apex up, the two lowest points cos 36° below
+        r = e / 2
+        return r * math.sin(math.radians(72)), r, r * math.sin(math.radians(72)), r * math.cos(math.radians(36))
     return e / 2, e / 2, e / 2, e / 2
+
+
+def star_points(cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
+    """The ten corners of the star around (cx, cy), apex up (y down): outer and inner radius in turn."""
+    return [(cx + rad * math.sin(math.radians(36 * k)), cy - rad * math.cos(math.radians(36 * k)))
+            for k, rad in enumerate([radius, radius * STAR_INNER] * 5)]
 
 
 def _centroid_ranges(s: ShapeSpec, cell: int) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -226,16 +241,18 @@ def _layout(scene: SceneSpec, rng: random.Random) -> list[tuple[float, float]]:
 
 
 def sample_scene(
-    rng: random.Random, two_shapes_prob: float = TWO_SHAPES_PROB, mention_position_prob: float = MENTION_POSITION_PROB
+    rng: random.Random, two_shapes_prob: float = TWO_SHAPES_PROB, mention_position_prob: float = MENTION_POSITION_PROB,
+    shapes_from: Sequence[str] = SHAPES,
 ) -> SceneSpec:
-    """A random scene, drawn only from `rng`; shapes whose position is not to be named get cell None."""
+    """A random scene, drawn only from `rng` (its shapes' kinds from `shapes_from`); shapes whose position is not to
+    be named get cell None."""
     colors = tuple(PALETTE)
     background = rng.choice(colors)
     count = 2 if rng.random() < two_shapes_prob else 1
     shapes: list[ShapeSpec] = []
     while len(shapes) < count:
         candidate = ShapeSpec(
-            shape=rng.choice(SHAPES),
+            shape=rng.choice(shapes_from),
             color=rng.choice([c for c in colors if c != background]),
             size=rng.choice(SIZES),
             cell=rng.randrange(9) if rng.random() < mention_position_prob else None,
@@ -264,6 +281,11 @@ def render(scene: SceneSpec, size: int = 64, rng: random.Random | None = None, a
             draw.ellipse((x0, y0, x1, y1), fill=color)
         elif s.shape == "square":
             draw.rectangle((x0, y0, x1, y1), fill=color)
+        elif s.shape == "star":
+            draw.polygon(star_points(cx * side, cy * side, SIZE_FRACTION[s.size] / 2 * side), fill=color)
+        elif s.shape == "diamond":
+            draw.polygon([((x0 + x1) / 2, y0), (x1, (y0 + y1) / 2), ((x0 + x1) / 2, y1), (x0, (y0 + y1) / 2)],
+                         fill=color)
         else:
             draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=color)
     return image.reduce(scale) if scale > 1 else image

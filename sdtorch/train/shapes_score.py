@@ -8,15 +8,17 @@ layout, rendering) is `shapes.py`.
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from .shapes import PALETTE, SIZE_FRACTION, SIZES, ShapeSpec, parse_caption
+from .shapes import PALETTE, SHAPES, SIZE_FRACTION, SIZES, STAR_INNER, ShapeSpec, parse_caption
 
-# Area / bounding-box area of each kind: what the analyzer divides by to turn an area into an extent.
-_FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+# Area / extent² of each kind (extent: the side of its bounding box, a star's outer diameter): what the analyzer
+# divides by to turn an area into an extent. A star's ten triangles: 5·R·r·sin 36° over (2R)².
+_FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5,
+         "star": 5 * STAR_INNER * math.sin(math.pi / 5) / 4}
 _PALETTE_RGB = np.array(list(PALETTE.values()), dtype=np.float32)  # (8, 3)
 _COLOR_NAMES = tuple(PALETTE)
 # A measured extent is classed by the geometric means between neighbouring nominal extents.
@@ -56,9 +58,17 @@ def _coverage(kind: str, cx: float, cy: float, extent: float, rows: np.ndarray, 
         inside = dx**2 + dy**2 <= half**2
     elif kind == "square":
         inside = (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    else:
+    elif kind == "diamond":
+        inside = np.abs(dx) + np.abs(dy) <= half
+    elif kind == "triangle":
         depth = dy + 2 * extent / 3  # below the apex, which is 2/3 of the height above the centroid
         inside = (depth >= 0) & (depth <= extent) & (np.abs(dx) <= depth / 2)
+    else:  # star: within the edge from an outer corner (angle 0 of its 72° sector) to the next inner one (36°)
+        outer, inner, tip = half, half * STAR_INNER, math.pi / 5
+        a = np.abs((np.arctan2(dx, -dy) + tip) % (2 * tip) - tip)  # angle from the nearest outer corner
+        edge = outer * inner * math.sin(tip) / (inner * math.sin(tip) * np.cos(a) + np.sin(a) * (outer - inner
+                                                                                               * math.cos(tip)))
+        inside = dx**2 + dy**2 <= edge**2
     return inside.mean(axis=(2, 3))  # (R, C, 4, 4) -> (R, C)
 
 
@@ -79,7 +89,8 @@ def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _fit(
-    pixels: np.ndarray, ours: np.ndarray, background_rgb: np.ndarray, rows: np.ndarray, cols: np.ndarray
+    pixels: np.ndarray, ours: np.ndarray, background_rgb: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+    kinds: Sequence[str] = SHAPES,
 ) -> tuple[int, str, float, float, float] | None:
     """The opaque, possibly blurred, palette-coloured ideal shape that best redraws a window of pixels.
 
@@ -103,8 +114,8 @@ def _fit(
             continue
         cy = float(alpha.sum(1) @ (rows + 0.5)) / area
         cx = float(alpha.sum(0) @ (cols + 0.5)) / area
-        for kind, fill in _FILL.items():
-            ideal = _coverage(kind, cx, cy, math.sqrt(area / fill), rows, cols)
+        for kind in kinds:
+            ideal = _coverage(kind, cx, cy, math.sqrt(area / _FILL[kind]), rows, cols)
             for sigma in _BLURS:
                 redrawn = _blur(ideal, sigma)[:, :, None] * direction  # (h, w, 3)
                 error = float(((offsets - redrawn)[ours] ** 2).sum())
@@ -113,13 +124,14 @@ def _fit(
     return best
 
 
-def analyze(image: Image.Image | np.ndarray, min_area: float = 0.004) -> dict:
+def analyze(image: Image.Image | np.ndarray, min_area: float = 0.004, kinds: Sequence[str] = SHAPES) -> dict:
     """Read a shapes image back: background colour, and each shape's colour, kind, cell and size class.
 
     Every pixel takes its nearest palette colour; the background is the commonest colour on the border; a shape is
     a 4-connected region of other colours covering at least `min_area` of the image (smaller ones are noise). The
     shape's colour, kind, area and centroid come from the ideal shape that best redraws a window around the region
-    (see `_fit`); the size class comes from the area, the cell from the centroid.
+    (see `_fit`, which tries the `kinds`: by default the grammar's three); the size class comes from the area, the
+    cell from the centroid.
     """
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -144,7 +156,7 @@ def analyze(image: Image.Image | np.ndarray, min_area: float = 0.004) -> dict:
         ours = ~np.isin(owner[window], kept[kept != k])  # (h, w): not another shape's pixel
         window_rows = np.arange(r0, r0 + ours.shape[0], dtype=np.float64)
         window_cols = np.arange(c0, c0 + ours.shape[1], dtype=np.float64)
-        fit = _fit(pixels[window], ours, background_rgb, window_rows, window_cols)
+        fit = _fit(pixels[window], ours, background_rgb, window_rows, window_cols, kinds)
         if fit is None:
             continue
         color, kind, area, cx, cy = fit
@@ -164,14 +176,15 @@ def analyze(image: Image.Image | np.ndarray, min_area: float = 0.004) -> dict:
 _ATTRIBUTES = {"color": "color", "shape": "shape", "position": "cell", "size": "size"}  # score key -> ShapeSpec field
 
 
-def score(caption_text: str, image: Image.Image | np.ndarray) -> dict[str, bool | None]:
+def score(caption_text: str, image: Image.Image | np.ndarray, kinds: Sequence[str] = SHAPES
+          ) -> dict[str, bool | None]:
     """Per-attribute correctness of an image against its caption: background, count, color, shape, position, size.
 
     Described shapes are paired with found ones (or with nothing) the way that gets the most attributes right; an
     attribute is True when every described shape that names it gets it right, None when no shape names it.
     """
     target = parse_caption(caption_text)
-    found = analyze(image)
+    found = analyze(image, kinds=kinds)
     wanted = target.shapes
 
     def named(s: ShapeSpec, field: str) -> bool:
