@@ -3,21 +3,28 @@
 #   bash scripts/train_builtin.sh [RUN_DIR]          (about 80 minutes on a 2-core CPU)
 # CLIP (contrastive), then the VAE, then the UNet on the frozen two; the result is exported in fp16 with its config
 # in the header, evaluated by pixel analysis, and the README's pictures are redrawn. Sizes: scripts/builtin_sizes.json.
+# A smoke run (tests/test_recipe.py) appends options to each stage, where the last of a repeated option wins:
+#   CLIP_ARGS / VAE_ARGS / UNET_ARGS / EVAL_ARGS="--steps 2 ...", MODEL_OUT=where the model goes, PICTURES=0.
 set -euo pipefail
 RUN=${1:-runs/builtin}
 SIZES=scripts/builtin_sizes.json
+MODEL_OUT=${MODEL_OUT:-sdtorch/data/builtin.safetensors}
+read -r -a CLIP_ARGS <<< "${CLIP_ARGS:-}"
+read -r -a VAE_ARGS <<< "${VAE_ARGS:-}"
+read -r -a UNET_ARGS <<< "${UNET_ARGS:-}"
+read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
 COMMON=(--data shapes --data-size 1000000 --resolution 64 --quiet --workers 0)
 mkdir -p "$RUN"
 
 sdtorch train clip "$SIZES" "${COMMON[@]}" --out "$RUN/clip" --steps 400 --batch-size 128 --lr 5e-4 \
-    --warmup-steps 40 --projection-dim 64 --eval-every 200 --sample-every 400 | tee "$RUN/clip.out"
+    --warmup-steps 40 --projection-dim 64 --eval-every 200 --sample-every 400 "${CLIP_ARGS[@]}" | tee "$RUN/clip.out"
 # MSE rather than L1: on flat colours it reached 17.6 dB PSNR at step 500 where L1 had 12.8. Latent noise 0.1
 # rather than the full posterior sample: with full noise two of the four latent channels drowned at the start and
 # were given up (green, blue, purple and black shapes then shared one latent); 27.2 -> 33.3 dB at step 5000.
 # Edge weight 10: small shapes are mostly outline; the VAE's own round trip then gets 95.5% of kinds right (85.5%).
 sdtorch train vae "$SIZES" "${COMMON[@]}" --out "$RUN/vae" --steps 5000 --batch-size 8 --lr 1e-3 \
     --warmup-steps 50 --loss mse --latent-noise 0.1 --edge-weight 10 --eval-every 500 --sample-every 1000 \
-    | tee "$RUN/vae.out"
+    "${VAE_ARGS[@]}" | tee "$RUN/vae.out"
 # A fixed pool of 40k scenes, seen ~9 times: the frozen VAE and CLIP encode each image and caption once
 # (--cache-encodings), which makes a step ~1.7x faster; the UNet needs many more samples than CLIP or the VAE.
 # The sizes file turns on unet.position_embedding: two-shape captions put each shape in its place more often.
@@ -26,8 +33,8 @@ sdtorch train vae "$SIZES" "${COMMON[@]}" --out "$RUN/vae" --steps 5000 --batch-
 sdtorch train unet "$SIZES" "${COMMON[@]}" --data-size 40000 --cache-encodings 40000 --two-shapes 0.75 \
     --out "$RUN/unet" --steps 6000 --batch-size 64 --lr 1e-3 --warmup-steps 100 --ema-decay 0.999 \
     --caption-dropout 0.1 --min-snr-gamma 5 --eval-every 1000 --sample-every 1000 --clip "$RUN/clip/model.safetensors" \
-    --vae "$RUN/vae/model.safetensors" --latent-noise 0.1 | tee "$RUN/unet.out"
+    --vae "$RUN/vae/model.safetensors" --latent-noise 0.1 "${UNET_ARGS[@]}" | tee "$RUN/unet.out"
 
-sdtorch convert "$RUN/unet/model.safetensors" sdtorch/data/builtin.safetensors --dtype fp16
-sdtorch eval shapes --model sdtorch/data/builtin.safetensors
-python scripts/readme_images.py "$RUN"
+sdtorch convert "$RUN/unet/model.safetensors" "$MODEL_OUT" --dtype fp16
+sdtorch eval shapes --model "$MODEL_OUT" "${EVAL_ARGS[@]}"
+if [ "${PICTURES:-1}" = 1 ]; then python scripts/readme_images.py "$RUN"; fi

@@ -461,7 +461,7 @@ def run_eval(args) -> int:
     bar = tqdm(total=args.count, file=sys.stderr, disable=args.quiet)
     result = evaluate(pipe, count=args.count, seed=args.seed if args.seed is not None else EVAL_SEED,
                       steps=args.steps, sampler=args.sampler, cfg=args.cfg,
-                      progress=lambda done, total: bar.update(1))
+                      progress=lambda done, total: bar.update(1), ngms=args.ngms)
     bar.close()
     print(format_table(result))
     return 0
@@ -523,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="DPM++ 2M")
     p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--ngms", type=float, default=0.0, metavar="SIGMA",
+                   help="score with A1111's Negative Guidance minimum sigma (its quality cost)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     from .train.cli import add_train_parser
