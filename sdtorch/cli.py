@@ -27,7 +27,7 @@ class CLIError(Exception):
 # the generation settings the options set; their defaults and checks are pipeline.Settings' (one source)
 SETTING_OPTIONS = ("prompt", "negative", "steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch",
                    "strength", "clip_skip", "rng", "hires_scale", "hires_steps", "hires_upscaler", "hires_strength",
-                   "ngms", "ngms_all_steps")
+                   "ngms", "ngms_all_steps", "original_size", "target_size", "crop_top_left")
 HIRES_KEYS = ("hires_scale", "hires_resize", "hires_steps", "hires_upscaler", "hires_strength")
 
 
@@ -56,6 +56,11 @@ def add_generate(sub) -> None:
                    "prompt's pass (faster, approximate; 0 = off)")
     p.add_argument("--ngms-all-steps", action="store_const", const=True,
                    help="with --ngms: skip it at every step below the sigma, not every other one")
+    p.add_argument("--original-size", type=height_width, metavar="WxH",
+                   help="SDXL's size conditioning: the size the picture had before cropping (default: the image's)")
+    p.add_argument("--target-size", type=height_width, metavar="WxH",
+                   help="SDXL: the target size (default: the image's)")
+    p.add_argument("--crop-top-left", type=top_left, metavar="TOP,LEFT", help="SDXL: the crop's corner (default 0,0)")
     p.add_argument("--seed", type=int, help="-1 (default) = random; the seed used is printed")
     p.add_argument("--width", type=int, help="default: the model's native resolution")
     p.add_argument("--height", type=int)
@@ -84,6 +89,22 @@ def add_generate(sub) -> None:
 
 
 DEFAULT_MAX_PIXELS = 2048 * 2048
+
+
+def height_width(text: str) -> tuple[int, int]:
+    """argparse type of a WxH size, as (height, width) (diffusers' order for SDXL's size conditions)."""
+    width, x, height = text.strip().lower().partition("x")
+    if not (x and width.isdigit() and height.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}")
+    return int(height), int(width)
+
+
+def top_left(text: str) -> tuple[int, int]:
+    """argparse type of "TOP,LEFT"."""
+    top, comma, left = text.strip().partition(",")
+    if not (comma and top.strip().isdigit() and left.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"expected TOP,LEFT (two integers), got {text!r}")
+    return int(top), int(left)
 
 
 def pixel_count(text: str) -> int:
@@ -306,6 +327,9 @@ def run_generate(args) -> int:
     pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype, tune_allocator=True,
                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     pipe.batch_exact = args.exact_batch
+    if pipe.config.family != "sdxl" and any(k in s for k in ("original_size", "target_size", "crop_top_left")):
+        raise CLIError(f"--original-size, --target-size and --crop-top-left condition SDXL models only; this is an "
+                       f"{pipe.config.family.upper()} model")
     if init is None:
         check_size(s.get("width") or pipe.config.resolution, s.get("height") or pipe.config.resolution,
                    args.max_pixels)

@@ -20,6 +20,7 @@ PNG_TEXT_KEY = "parameters"
 _FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _KEY = re.compile(r"\w[\w \-/]*[\w\-/]")  # what _FIELD reads back as a key, without trailing spaces
 _SIZE = re.compile(r"(\d+)x(\d+)")
+_CROP = re.compile(r"(\d+),\s*(\d+)")
 _NEGATIVE_PREFIX = "Negative prompt:"
 # A1111 infotext key -> (our keyword argument, its type); "Size" is split into width and height separately.
 _KWARG_NAMES = {
@@ -127,8 +128,9 @@ def params_to_kwargs(params: dict[str, str]) -> dict:
     Steps -> steps, Sampler -> sampler, Schedule type -> schedule, CFG scale -> cfg, Seed -> seed,
     Size "WxH" -> width, height, Clip skip -> clip_skip, Denoising strength -> strength, Model hash -> model_hash,
     Model -> model, RNG -> rng, Hires upscale -> hires_scale, Hires resize "WxH" -> hires_resize,
-    Hires steps -> hires_steps, Hires upscaler -> hires_upscaler, NGMS -> ngms, NGMS all steps -> ngms_all_steps.
-    Only keys present in params appear in the result.
+    Hires steps -> hires_steps, Hires upscaler -> hires_upscaler, NGMS -> ngms, NGMS all steps -> ngms_all_steps,
+    SDXL's Original size / Target size "WxH" -> original_size / target_size (h, w), Crop "top,left" ->
+    crop_top_left. Only keys present in params appear in the result.
     """
     kwargs = {}
     for key, value in params.items():
@@ -139,6 +141,12 @@ def params_to_kwargs(params: dict[str, str]) -> dict:
             elif key == "Hires resize":
                 width, height = _SIZE.fullmatch(value.strip()).groups()
                 kwargs["hires_resize"] = (int(width), int(height))
+            elif key in ("Original size", "Target size"):  # SDXL's size conditions, (height, width) as diffusers
+                width, height = _SIZE.fullmatch(value.strip()).groups()
+                kwargs[key.lower().replace(" ", "_")] = (int(height), int(width))
+            elif key == "Crop":
+                top, left = _CROP.fullmatch(value.strip()).groups()
+                kwargs["crop_top_left"] = (int(top), int(left))
             elif key in _KWARG_NAMES:
                 name, convert = _KWARG_NAMES[key]
                 kwargs[name] = convert(value.strip())

@@ -302,6 +302,9 @@ class Pipeline:
         """(pixels, the settings they were made with): `s` resolved (size, seed; Settings.resolved) plus the hashes
         of the LoRA and embedding files used, what the images' metadata is written from."""
         s = s.resolved(self.config.resolution)
+        if self.config.family != "sdxl" and (s.original_size or s.target_size or tuple(s.crop_top_left) != (0, 0)):
+            raise SettingError("original_size", f"(and target_size, crop_top_left) condition SDXL models only; this "
+                                                f"is an {self.config.family.upper()} model")
         with self._generation() as stop:
             pixels = self._run(s, stop, **kwargs)
             if stop.is_set():  # interrupted after the last step: the images are not what was asked to finish

@@ -154,6 +154,7 @@ def test_samplers_lists_samplers_and_schedules():
     (["--init-image", "/no/such.png"], "--init-image: no such file: /no/such.png"),
     (["--init-image", "pyproject.toml"], "--init-image: cannot read pyproject.toml as an image"),
     (["-o", "pyproject.toml/sub"], "output folder pyproject.toml/sub is not writable"),
+    (["--original-size", "1024x768"], "--original-size, --target-size and --crop-top-left condition SDXL models"),
 ])
 def test_errors_are_one_line_with_exit_code_2(model, args, message):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -378,8 +378,20 @@ def test_sdxl_sizes_are_written_when_not_a1111s_defaults(sdxl_models):
     params = pipe.infotext_params(Settings(PROMPT, width=48, height=32, original_size=(64, 96), crop_top_left=(8, 4),
                                            target_size=(40, 48)), with_image=False)
     assert (params["Original size"], params["Crop"], params["Target size"]) == ("96x64", "8,4", "48x40")
+    from sdtorch.metadata import params_to_kwargs  # --from reads them back as the settings they came from
+    assert params_to_kwargs({k: params[k] for k in ("Original size", "Crop", "Target size")}) == dict(
+        original_size=(64, 96), crop_top_left=(8, 4), target_size=(40, 48))
     with pytest.raises(ValueError, match="crop_top_left must be two non-negative integers"):
         pipe.run(Settings(PROMPT, steps=1, width=32, height=32, crop_top_left=(-1, 0)))
+
+
+def test_size_conditioning_is_refused_for_other_families():
+    from conftest import TINY, tiny_models
+    from sdtorch.pipeline import SettingError
+
+    pipe = Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, device="cpu")
+    with pytest.raises(SettingError, match="condition SDXL models only; this is an SD1 model"):
+        pipe.txt2img(PROMPT, steps=1, width=32, height=32, original_size=(64, 64))
 
 
 def test_sdxl_refiner_is_refused_by_name(tmp_path):
