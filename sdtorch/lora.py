@@ -48,7 +48,8 @@ from .checkpoint.diffusers_keys import to_diffusers, unet_rules
 from .checkpoint.formats import detect_format, read_tensor_file
 
 NETWORK_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
-PARTS = ("unet", "text_encoder")
+PARTS = ("unet", "text_encoder", "text_encoder_2")  # SDXL's second (bigG) tower is text_encoder_2, as diffusers
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}  # ModelConfig.family -> as messages name it
 
 # suffix of a tensor name -> its role in the layer's update; longest first, so ".lora.down.weight" beats ".weight"
 _ROLES = [
@@ -66,12 +67,12 @@ _ROLES = [
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.")
 _TE_PROCESSOR = re.compile(r"\.(to_q|to_k|to_v|to_out)_lora\.")
 _TE_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-# keys only other families' networks have (A1111 tells them apart by ss_* metadata and layer shapes as well)
-_OTHER_FAMILY = [("SDXL", re.compile(r"^(lora_te[12]_|text_encoder_2\.|lora_unet_(input|output)_blocks_\d+_1_"
-                                     r"transformer_blocks_[1-9])")),
-                 ("SD 3", re.compile(r"^(lora_unet_joint_blocks_|transformer\.transformer_blocks\.)")),
-                 ("Flux", re.compile(r"^(lora_unet_double_blocks_|lora_unet_single_blocks_)"))]
-_CONTEXT_WIDTHS = {1024: "SD 2.x", 2048: "SDXL"}  # attn2.to_k's input width in other families
+# keys only some families' networks have (A1111 tells them apart by ss_* metadata and layer shapes as well)
+_FAMILY_KEYS = [("SDXL", re.compile(r"^(lora_te[12]_|text_encoder_2\.|lora_unet_(input|output)_blocks_\d+_1_"
+                                    r"transformer_blocks_[1-9])")),
+                ("SD 3", re.compile(r"^(lora_unet_joint_blocks_|transformer\.transformer_blocks\.)")),
+                ("Flux", re.compile(r"^(lora_unet_double_blocks_|lora_unet_single_blocks_)"))]
+_CONTEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # attn2.to_k's input width per family
 
 
 class NetworkError(ValueError):
@@ -183,24 +184,28 @@ def layer_names(models) -> dict[str, tuple[str, str]]:
     lora_te_text_model_encoder_...) and the dotted diffusers/PEFT form (unet.down_blocks.0..., text_encoder....)."""
     names = {}
     rules = unet_rules(models.unet.config)
+    towers = models.text_encoders
     for name, module in models.unet.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             diffusers = (to_diffusers(name + ".weight", rules) or name + ".weight").removesuffix(".weight")
             names["lora_unet_" + diffusers.replace(".", "_")] = ("unet", name)
             names["lora_unet_" + name.replace(".", "_")] = ("unet", name)
             names["unet." + diffusers] = ("unet", name)
-    for name, module in models.text_encoder.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            names["lora_te_text_model_" + name.replace(".", "_")] = ("text_encoder", name)
-            names["text_encoder.text_model." + name] = ("text_encoder", name)
-            names["text_encoder." + name] = ("text_encoder", name)  # transformers >= 5.6 drops "text_model"
+    for i, tower in enumerate(towers):  # kohya: lora_te_ for one tower, lora_te1_/lora_te2_ for SDXL's two
+        part = PARTS[1 + i]
+        kohya = "lora_te_" if len(towers) == 1 else f"lora_te{i + 1}_"
+        for name, module in tower.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                names[kohya + "text_model_" + name.replace(".", "_")] = (part, name)
+                names[f"{part}.text_model.{name}"] = (part, name)
+                names[f"{part}.{name}"] = (part, name)  # transformers >= 5.6 drops "text_model"
     return names
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
     """(layer name, role) of a tensor name, or None when it is not part of a layer update."""
     key = _PROCESSOR.sub(lambda m: f".{m[1]}{'.0' if m[1] == 'to_out' else ''}.lora.", key)
-    if key.startswith("text_encoder."):
+    if key.startswith(("text_encoder.", "text_encoder_2.")):
         key = _TE_PROCESSOR.sub(lambda m: f".{_TE_NAMES[m[1]]}.lora.", key)
     for suffix, role in _ROLES:
         if key.endswith(suffix):
@@ -215,9 +220,9 @@ def read_network(path: str | Path, models, name: str | None = None) -> Network:
     with ExitStack() as files:
         refs, metadata = read_tensor_file(path, detect_format(path), files)
         tensors = {k: ref.load(None, torch.device("cpu")).clone() for k, ref in refs.items()}
-    family = _other_family(tensors, metadata)
-    if family:
-        raise NetworkError(f"{path}: a LoRA for {family}; this model is SD 1.x")
+    family, ours = network_family(tensors, metadata), FAMILY_NAMES[models.config.family]
+    if family and family != ours:
+        raise NetworkError(f"{path}: a LoRA for {family}; this model is {ours}")
     grouped: dict[str, LayerUpdate] = {}
     for key, tensor in tensors.items():
         split = _split_key(key)
@@ -246,15 +251,21 @@ def read_network(path: str | Path, models, name: str | None = None) -> Network:
 
 
 def _module(models, part: str, name: str) -> nn.Module:
-    return getattr(models, part).get_submodule(name)
+    model = models.unet if part == "unet" else models.text_encoders[PARTS.index(part) - 1]
+    return model.get_submodule(name)
 
 
-def _other_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
-    if str(metadata.get("ss_base_model_version", "")).startswith("sdxl"):
+def network_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
+    """The model family a network was made for, from kohya's ss_* metadata, keys only one family has, or the width
+    its cross-attention keys read ("SD 1.x", "SD 2.x", "SDXL", "SD 3", "Flux"); None when nothing tells."""
+    version = str(metadata.get("ss_base_model_version", ""))
+    if version.startswith("sdxl"):
         return "SDXL"
-    if metadata.get("ss_v2") == "True":
+    if metadata.get("ss_v2") == "True" or version.startswith("sd_v2"):
         return "SD 2.x"
-    for family, marker in _OTHER_FAMILY:
+    if version.startswith("sd_v1"):
+        return "SD 1.x"
+    for family, marker in _FAMILY_KEYS:
         if any(marker.match(k) for k in tensors):
             return family
     for key, t in tensors.items():  # the cross-attention's key projection reads the text encoder's width
@@ -289,15 +300,16 @@ class AppliedNetworks:
         self.networks = list(networks)
 
     @contextlib.contextmanager
-    def merged(self, part: str):
-        """Within the block, `part` ("unet" or "text_encoder") runs with the networks merged; afterwards its original
-        tensors are back and the merged ones freed. A generation merges each part for its own phase, so merged
-        weights never sit in RAM beside the phases that do not use them (the VAE's decode, the next prompt's wait);
-        merging the SD 1.5 size's rank-32 LoRA takes ~0.4 s here (benchmarks/bench_lora.py)."""
+    def merged(self, *parts: str):
+        """Within the block, `parts` ("unet", or the text encoders "text_encoder", "text_encoder_2") run with the
+        networks merged; afterwards their original tensors are back and the merged ones freed. A generation merges
+        each model for its own phase, so merged weights never sit in RAM beside the phases that do not use them (the
+        VAE's decode, the next prompt's wait); merging a rank-32 LoRA into the SD 1.5 size's text encoder and UNet
+        took 0.8-1.6 s a generation here (benchmarks/bench_lora.py)."""
         if not self.networks:
             yield
             return
-        apply_networks(self.models, self.networks, self.originals, parts=(part,))
+        apply_networks(self.models, self.networks, self.originals, parts=parts)
         try:
             yield
         finally:

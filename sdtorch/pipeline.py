@@ -321,7 +321,7 @@ class Pipeline:
             tiled_vae = s.width * s.height > TILE_ABOVE_PIXELS
 
         prompt, negative = self.use_networks(s)  # the prompts without their <lora:...> tags
-        with self.networks.merged("text_encoder"):
+        with self.networks.merged("text_encoder", "text_encoder_2"):
             conditions = self.conditioning(replace(s, prompt=prompt, negative=negative), s.hashes)
         self._done_with(self.text_encoder)
 

@@ -12,6 +12,7 @@ from conftest import TINY, tiny_models
 from reference import diffusers_unet, max_rel_err, transformers_clip
 from sdtorch.checkpoint.diffusers_keys import to_diffusers, unet_rules
 from sdtorch.lora import AppliedNetworks, NetworkError, find_file, read_network
+from sdtorch.lora import _module as lora_module
 from sdtorch.prompts import extract_lora_tags
 
 RANK, ALPHA = 4, 2.0
@@ -405,3 +406,109 @@ def test_merged_weights_in_the_packed_memory_mapped_pipeline(tmp_path):
     assert all(torch.equal(v, stored[k]) for k, v in mapped.models.state_dict().items())
     mapped.txt2img("a cat", **GENERATE)
     assert all(torch.equal(v, stored[k]) for k, v in mapped.models.state_dict().items())
+
+
+# ---- SD 2.x and SDXL -------------------------------------------------------------------------------------------------
+
+def family_lora(models, layout: str, g: torch.Generator) -> tuple[dict, dict]:
+    """A LoRA of every UNet Linear and every text-tower Linear of `models` (SD 2.x or SDXL), keyed as kohya writes
+    such files (SD 2.x: lora_unet_ with diffusers' names, lora_te_; SDXL: lora_unet_ with the original layout's
+    names, lora_te1_/lora_te2_) or as diffusers/PEFT do (unet., text_encoder., text_encoder_2.); and the expected
+    ΔW·alpha/rank per (part, module name), before multipliers."""
+    rules, state, deltas = unet_rules(models.unet.config), {}, {}
+    sdxl = models.config.family == "sdxl"
+    targets = []
+    for name, m in models.unet.named_modules():
+        if isinstance(m, nn.Linear):
+            diffusers = to_diffusers(name + ".weight", rules).removesuffix(".weight")
+            key = {"kohya": "lora_unet_" + (name if sdxl else diffusers).replace(".", "_"),
+                   "diffusers": "unet." + diffusers}[layout]
+            targets.append((key, ("unet", name), m))
+    for i, tower in enumerate(models.text_encoders):
+        part = "text_encoder" if i == 0 else "text_encoder_2"
+        for name, m in tower.named_modules():
+            if isinstance(m, nn.Linear):
+                kohya = f"lora_te{i + 1}_" if sdxl else "lora_te_"
+                key = {"kohya": kohya + "text_model_" + name.replace(".", "_"),
+                       "diffusers": f"{part}.text_model.{name}"}[layout]
+                targets.append((key, (part, name), m))
+    for key, target, m in targets:
+        down, up = low_rank(m.weight, g)
+        if layout == "kohya":
+            state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                          f"{key}.alpha": torch.tensor(ALPHA)})
+            deltas[target] = (up @ down) * (ALPHA / RANK)
+        else:  # PEFT without alpha: scale 1
+            state.update({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up})
+            deltas[target] = up @ down
+    return state, deltas
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_sd2_and_sdxl_loras_merge_into_every_tower_by_the_formula(tmp_path, family, layout):
+    """Every layer of an SD 2.x or SDXL LoRA lands on its layer, in the UNet and in each text tower (SDXL's bigG is
+    text_encoder_2), as W + ΔW·alpha/rank·multiplier; restoring gives the very same tensors back."""
+    from reference import randomize_
+    from sdtorch.models import StableDiffusionModels
+    from test_families import TINY_SD2, TINY_SDXL
+
+    models = randomize_(StableDiffusionModels({"sd2": TINY_SD2, "sdxl": TINY_SDXL}[family]), seed=3)
+    state, deltas = family_lora(models, layout, torch.Generator().manual_seed(1))
+    save_file(state, str(tmp_path / "f.safetensors"))
+    network = read_network(tmp_path / "f.safetensors", models)
+    assert set(network.layers) == set(deltas) and not network.unmatched
+    assert {part for part, _ in deltas} == ({"unet", "text_encoder", "text_encoder_2"} if family == "sdxl"
+                                            else {"unet", "text_encoder"})
+    base = {k: v.clone() for k, v in models.state_dict().items()}
+    originals = {target: lora_module(models, *target).weight for target in deltas}
+    applied = apply(models, (network, 0.7, 0.4))
+    for (part, name), delta in deltas.items():
+        expected = originals[(part, name)] + delta * (0.7 if part == "unet" else 0.4)
+        torch.testing.assert_close(lora_module(models, part, name).weight, expected, rtol=1e-6, atol=1e-7)
+    applied.restore()
+    assert all(lora_module(models, *t).weight is w for t, w in originals.items())
+    assert all(torch.equal(v, base[k]) for k, v in models.state_dict().items())
+
+
+def test_a_lora_for_another_family_is_refused_naming_both(tmp_path):
+    from reference import randomize_
+    from sdtorch.models import StableDiffusionModels
+    from test_families import TINY_SD2, TINY_SDXL
+
+    sd2 = randomize_(StableDiffusionModels(TINY_SD2), seed=3)
+    sdxl = randomize_(StableDiffusionModels(TINY_SDXL), seed=3)
+    state, _ = family_lora(sdxl, "kohya", torch.Generator().manual_seed(1))  # lora_te1_/lora_te2_ keys: SDXL's
+    save_file(state, str(tmp_path / "xl.safetensors"))
+    with pytest.raises(NetworkError, match="a LoRA for SDXL; this model is SD 2.x"):
+        read_network(tmp_path / "xl.safetensors", sd2)
+    state, _ = family_lora(sd2, "kohya", torch.Generator().manual_seed(1))
+    save_file(state, str(tmp_path / "v1.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+    with pytest.raises(NetworkError, match="a LoRA for SD 1.x; this model is SDXL"):
+        read_network(tmp_path / "v1.safetensors", sdxl)
+
+
+def test_an_sdxl_pipeline_applies_a_tagged_lora_to_both_towers_and_the_unet(tmp_path):
+    """<lora:NAME:W> on an SDXL pipeline: the image equals the one of a pipeline whose weights were merged by hand,
+    and afterwards every weight is the base's again."""
+    from reference import randomize_
+    from sdtorch.models import StableDiffusionModels
+    from sdtorch.pipeline import Pipeline
+    from sdtorch.tokenizer import CLIPTokenizer
+    from test_families import TINY_SDXL
+
+    models = randomize_(StableDiffusionModels(TINY_SDXL), seed=3).eval()
+    state, deltas = family_lora(models, "kohya", torch.Generator().manual_seed(1))
+    save_file(state, str(tmp_path / "xl.safetensors"))
+    base = {k: v.clone() for k, v in models.state_dict().items()}
+    by_hand = randomize_(StableDiffusionModels(TINY_SDXL), seed=3).eval()
+    with torch.no_grad():
+        for (part, name), delta in deltas.items():
+            lora_module(by_hand, part, name).weight += delta * (0.6 if part == "unet" else 0.8)
+    settings = dict(steps=2, width=64, height=64, seed=2, sampler="Euler")
+    pipe = Pipeline(models, CLIPTokenizer.default(), TINY_SDXL, device="cpu", lora_dir=tmp_path)
+    image = pipe.txt2img("a cat <lora:xl:0.8:0.6>", **settings)[0]
+    reference = Pipeline(by_hand, CLIPTokenizer.default(), TINY_SDXL, device="cpu").txt2img("a cat", **settings)[0]
+    assert abs(pixels(image) - pixels(reference)).max() <= 1
+    assert "Lora hashes" in image.info["parameters"]
+    assert all(torch.equal(v, base[k]) for k, v in models.state_dict().items())

@@ -99,8 +99,10 @@ class LoraObjective(UNetObjective):
 
     def export(self, path) -> None:
         """The kohya-format LoRA file, with the ss_* metadata A1111 shows and reads (ss_network_dim/alpha, ...)."""
+        family = self.models.config.family
         metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(self.rank),
-                    "ss_network_alpha": str(float(self.alpha)), "ss_base_model_version": "sd_v1", "ss_v2": "False",
+                    "ss_network_alpha": str(float(self.alpha)), "ss_v2": str(family == "sd2"),
+                    "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2"}.get(family, family),
                     "ss_network_train_unet_only": str(not self.train_text_encoder),
                     "ss_network_train_text_encoder_only": "False",
                     "ss_training_finished_at": str(time.time()), "ss_output_name": Path(path).stem,
