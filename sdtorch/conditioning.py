@@ -49,8 +49,12 @@ class _Tower:
     def parameters(self):
         return self.clip.parameters()
 
-    def __call__(self, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
-        hidden, self.pooled = self.clip.hidden_and_pooled(ids, clip_skip=2)
+    @property
+    def embeddings(self):  # the token embedding that textual-inversion vectors stand in for
+        return self.clip.embeddings
+
+    def __call__(self, ids: torch.Tensor, clip_skip: int, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        hidden, self.pooled = self.clip.hidden_and_pooled(ids, clip_skip=2, token_embeds=token_embeds)
         return hidden
 
 
@@ -91,7 +95,7 @@ def encode_prompts(models, tokenizers, config, prompt: str, negative: str, clip_
                    sizes: tuple | None = None, embeddings=None) -> Conditioning:
     """The conditioning of (prompt, negative prompt) for `config.family`. `tokenizers`: one per text encoder.
     `sizes` (SDXL): ((orig h, orig w), (crop top, crop left), (target h, target w)). `embeddings`: an
-    embeddings.EmbeddingMatcher for textual-inversion names (SD 1.x/2.x; SDXL embeddings are not read yet)."""
+    embeddings.EmbeddingMatcher for textual-inversion names (an SDXL embedding gives each tower its own vectors)."""
     towers = models.text_encoders
     if config.family == "sd1":
         return Conditioning(*encode_prompt_pair(towers[0], tokenizers[0], prompt, negative, clip_skip=clip_skip,
@@ -104,7 +108,8 @@ def encode_prompts(models, tokenizers, config, prompt: str, negative: str, clip_
     contexts, pooled = [], None
     for clip, tokenizer in zip(towers, tokenizers, strict=True):
         tower = _Tower(clip)
-        contexts.append(encode_prompt_pair(tower, tokenizer, prompt, negative))
+        matcher = embeddings.with_width(clip.config.hidden_size) if embeddings is not None else None
+        contexts.append(encode_prompt_pair(tower, tokenizer, prompt, negative, embeddings=matcher))
         pooled = tower.pooled  # the last tower's (bigG's): rows of the prompt's chunks, then the negative's
     cond, uncond = (torch.cat(parts, dim=-1) for parts in zip(*contexts, strict=True))  # 2 × (1, 77k, 768 + 1280)
     k = cond.shape[1] // tokenizers[0].model_max_length

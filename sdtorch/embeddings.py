@@ -7,7 +7,7 @@ the position embeddings are added. Layouts read, told apart by their tensor name
     A1111 .pt           {"string_to_param": {"*": (n, D)}, "name": ..., "step": ...}
     .safetensors        {"emb_params": (n, D)}
     diffusers concept   {"<token>": (D,)}  (one tensor, as `learned_embeds.bin`)
-SDXL embeddings ({"clip_l": ..., "clip_g": ...}) are refused, naming the family.
+    SDXL                {"clip_l": (n, 768), "clip_g": (n, 1280)}: one set of vectors per text tower
 """
 from __future__ import annotations
 
@@ -29,8 +29,22 @@ _WIDTH_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL"}
 @dataclass
 class Embedding:
     name: str
-    vectors: torch.Tensor  # (n, D) fp32
+    vectors: torch.Tensor | dict[str, torch.Tensor]  # (n, D) fp32; SDXL: {"clip_l": (n, 768), "clip_g": (n, 1280)}
     path: Path
+
+    def for_width(self, width: int) -> torch.Tensor:
+        """The (n, width) vectors for a text tower of that width; NetworkError naming the family they are for."""
+        if isinstance(self.vectors, dict):  # SDXL's: ViT-L's clip_l (768 wide), bigG's clip_g (1280)
+            fitting = [v for v in self.vectors.values() if v.shape[1] == width]
+            if len(fitting) != 1 or len(self.vectors) != 2:
+                raise NetworkError(f"{self.path}: an SDXL embedding (clip_l/clip_g); this text encoder is "
+                                   f"{width}-wide ({_WIDTH_FAMILIES.get(width, 'another model')})")
+            return fitting[0]
+        if self.vectors.shape[1] != width:
+            family = _WIDTH_FAMILIES.get(self.vectors.shape[1], "another model")
+            raise NetworkError(f"{self.path}: an embedding for {family} ({self.vectors.shape[1]}-wide vectors); "
+                               f"this text encoder is {width}-wide")
+        return self.vectors
 
     @property
     def short_hash(self) -> str:
@@ -47,8 +61,12 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
     path = Path(path)
     tensors = _flat_tensors(path)
     keys = list(tensors)
-    if any(k.endswith("clip_g") or k == "clip_l" for k in keys):
-        raise NetworkError(f"{path}: an SDXL embedding (clip_l/clip_g); this model is SD 1.x")
+    if set(keys) == {"clip_l", "clip_g"}:
+        vectors = {k: tensors[k].detach().float().clone() for k in keys}
+        if any(v.dim() != 2 for v in vectors.values()) or len({len(v) for v in vectors.values()}) != 1:
+            raise NetworkError(f"{path}: SDXL embedding vectors of shapes "
+                               f"{[tuple(v.shape) for v in vectors.values()]}, expected (n, 768) and (n, 1280)")
+        return Embedding(name or path.stem, vectors, path)
     params = [k for k in keys if k.startswith("string_to_param.") or k == "emb_params"]
     if len(params) > 1:
         raise NetworkError(f"{path}: holds {len(params)} embeddings; A1111 takes files with one")
@@ -126,11 +144,7 @@ class EmbeddingLibrary:
             cached = (mtime, read_embedding(path))
             self._loaded[path] = cached
         embedding = cached[1]
-        if embedding.vectors.shape[1] != width:
-            family = _WIDTH_FAMILIES.get(embedding.vectors.shape[1], "another model")
-            raise NetworkError(f"{path}: an embedding for {family} ({embedding.vectors.shape[1]}-wide vectors); "
-                               f"this text encoder is {width}-wide")
-        return embedding
+        return Embedding(embedding.name, embedding.for_width(width), embedding.path)  # this tower's vectors
 
 
 class EmbeddingMatcher:
@@ -140,6 +154,12 @@ class EmbeddingMatcher:
         self.library, self.width = library, width
         self.table = library.lookup(tokenizer)
         self.used: dict[str, Embedding] = {}
+
+    def with_width(self, width: int) -> EmbeddingMatcher:
+        """The same names, for a text tower `width` wide (SDXL's second tower); the embeddings used are shared."""
+        other = EmbeddingMatcher.__new__(EmbeddingMatcher)
+        other.library, other.width, other.table, other.used = self.library, width, self.table, self.used
+        return other
 
     def match(self, tokens: list[int], position: int) -> tuple[Embedding, int] | None:
         """The embedding whose name's tokens start at `position`, and how many tokens that name takes."""

@@ -81,8 +81,10 @@ def test_embedding_layouts(tmp_path, tokenizer):
     assert torch.equal(read_embedding(tmp_path / "b.safetensors").vectors, vecs)
     assert torch.equal(read_embedding(tmp_path / "c.bin").vectors, vecs[:1])
     save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, str(tmp_path / "xl.safetensors"))
-    with pytest.raises(NetworkError, match="SDXL"):
-        read_embedding(tmp_path / "xl.safetensors")
+    assert {k: v.shape for k, v in read_embedding(tmp_path / "xl.safetensors").vectors.items()} == {
+        "clip_l": (2, 768), "clip_g": (2, 1280)}
+    with pytest.raises(NetworkError, match="an SDXL embedding .* this text encoder is 32-wide"):
+        tokenize_prompt(tokenizer, "xl", embeddings=matcher(tmp_path, tokenizer))
     save_file({"emb_params": torch.zeros(2, 1024)}, str(tmp_path / "sd2emb.safetensors"))
     with pytest.raises(NetworkError, match="SD 2.x"):
         tokenize_prompt(tokenizer, "sd2emb", embeddings=matcher(tmp_path, tokenizer))
@@ -105,3 +107,31 @@ def test_ti_hash_is_the_whole_files_sha256(tmp_path):
     a1111_pt(tmp_path / "s.pt", vectors(1))
     assert read_embedding(tmp_path / "s.pt").short_hash == \
         hashlib.sha256((tmp_path / "s.pt").read_bytes()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def test_an_sdxl_embedding_gives_each_tower_its_own_vectors(tmp_path, tokenizer):
+    """{"clip_l": (n, 768), "clip_g": (n, 1280)} (here 64 and 128 wide, the tiny SDXL's towers): the ViT-L tower
+    reads clip_l in the word's place, bigG reads clip_g, and the pooled text is bigG's with them; the reference writes
+    each tower's vectors into its token embeddings by hand."""
+    from reference import randomize_
+    from sdtorch import conditioning
+    from sdtorch.models import StableDiffusionModels
+    from test_families import TINY_SDXL
+
+    models = randomize_(StableDiffusionModels(TINY_SDXL), seed=5).eval()
+    vecs = {"clip_l": torch.randn(2, 64), "clip_g": torch.randn(2, 128)}
+    save_file(vecs, str(tmp_path / "xlstyle.safetensors"))
+    m = EmbeddingMatcher(EmbeddingLibrary(tmp_path), tokenizer, TINY_SDXL.clip.hidden_size)
+    c = conditioning.encode_prompts(models, conditioning.tokenizers(TINY_SDXL, tokenizer), TINY_SDXL,
+                                    "a xlstyle cat", "", 1, ((64, 64), (0, 0), (64, 64)), embeddings=m)
+    assert list(m.used) == ["xlstyle"]
+    ids = [tokenizer.bos_token_id, *tokenizer.encode("a"), 0, 0, *tokenizer.encode("cat"), tokenizer.eos_token_id]
+    for tower, name, pad, columns in ((models.text_encoders[0], "clip_l", tokenizer.eos_token_id, slice(0, 64)),
+                                      (models.text_encoders[1], "clip_g", 0, slice(64, 192))):
+        row = torch.tensor([ids + [pad] * (77 - len(ids))])
+        token_embeds = tower.embeddings.token_embedding(row)
+        token_embeds[0, 2:4] = vecs[name]  # after BOS and "a"
+        hidden, pooled = tower.hidden_and_pooled(row, clip_skip=2, token_embeds=token_embeds)
+        assert max_rel_err(c.cond[..., columns], hidden) <= 1e-5, name
+    assert max_rel_err(c.y[:, :128], pooled) <= 1e-5  # bigG's pooled text

@@ -113,13 +113,15 @@ class CLIPTextModel(nn.Module):
             x = layer(x)
         return self.final_layer_norm(x)
 
-    def hidden_and_pooled(self, input_ids: torch.Tensor, clip_skip: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_and_pooled(self, input_ids: torch.Tensor, clip_skip: int = 2, token_embeds: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL's use of a tower (Podell et al. 2023, sec. 2.1): layer -clip_skip's hidden states WITHOUT the final
         LayerNorm (B, L, D), and the pooled text (B, P): the last layer, normed, at each row's end-of-text token (the
-        highest id, as OpenCLIP finds it), through `text_projection` when the tower has one."""
+        highest id, as OpenCLIP finds it), through `text_projection` when the tower has one. token_embeds: see
+        CLIPEmbeddings."""
         self.check_ids(input_ids)
         cfg = self.config
-        x = self.embeddings(input_ids)
+        x = self.embeddings(input_ids, token_embeds)
         hidden = None
         for i, layer in enumerate(self.encoder.layers):
             x = layer(x)
