@@ -336,3 +336,23 @@ def test_ngms_is_written_as_a1111_writes_it_and_read_back(pipe):
     again = pipe.txt2img(prompt, negative, **{k: v for k, v in a1111_settings(params_to_kwargs(params)).items()
                                               if k not in ("prompt", "negative")})[0]
     assert np.array_equal(np.asarray(fast), np.asarray(again))
+
+
+def test_a_cpu_without_native_bf16_or_fp16_is_warned_about(monkeypatch):
+    """bf16/fp16 on a CPU without their kernels (e.g. AVX2-only: bf16 60-100x slower than fp32) warns; with them (or
+    in fp32) it does not. Whether this CPU has them is read from oneDNN."""
+    import warnings
+
+    import sdtorch.pipeline as pipeline
+
+    assert pipeline.cpu_runs_natively(torch.float32)
+    assert pipeline.cpu_runs_natively(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    pipe = tiny_pipe()
+    monkeypatch.setattr(pipeline, "cpu_runs_natively", lambda dtype: False)
+    with pytest.warns(UserWarning, match="no native bf16 kernels"):
+        pipe.to(dtype="bf16")
+    monkeypatch.setattr(pipeline, "cpu_runs_natively", lambda dtype: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.to(dtype="fp16")
+        pipe.to(dtype="fp32")
