@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import sys
+import threading
 from pathlib import Path
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
@@ -57,9 +58,12 @@ def run_serve(args) -> int:
         print(f"sdtorch serve: warning: listening on {host} without --api-auth: anyone who can reach this port can "
               "use it", file=sys.stderr)
 
+    from .. import memory
+
+    if args.device in ("auto", "cpu"):
+        memory.keep_freed_blocks()  # before any thread starts: a thread keeps the malloc arena of its first malloc
     worker = Worker(device=args.device, dtype=args.dtype, max_queue=args.max_queue)
     worker.load(first)
-    worker.start()
     flags = {"api": True, "nowebui": False, "listen": not _loopback(host), "server_name": host, "port": args.port,
              "ckpt": str(first.path), "ckpt_dir": args.models_dir, "data_dir": str(Path.cwd()),
              "api_auth": "***" if args.api_auth else None, "cors_allow_origins": args.cors_allow_origins,
@@ -69,9 +73,18 @@ def run_serve(args) -> int:
     app = build_app(worker, checkpoints, config)
     print(f"sdtorch serve: http://{host}:{args.port}/ (model {first.title}; API at /sdapi/v1)", file=sys.stderr,
           flush=True)
-    uvicorn.run(app, host=host, port=args.port, log_level="warning", access_log=False)
-    worker.stop()
-    return 0
+    # HTTP in a thread of its own, the generations in this (main) thread: see server/worker.py
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=args.port, log_level="warning", access_log=False))
+    http = threading.Thread(target=server.run, name="sdtorch-http", daemon=True)
+    http.start()
+    try:
+        worker.run(keep_going=http.is_alive)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
+    return 0 if server.started else 1
 
 
 def _loopback(host: str) -> bool:

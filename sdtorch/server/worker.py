@@ -1,6 +1,11 @@
 """One model worker fed by a bounded FIFO queue: requests wait their turn, and /progress reads what the running job
 reports at every step (A1111's shared.state, for one job at a time).
 
+The worker runs in the process's main thread and the HTTP server in another (server/cli.py), because PyTorch's
+OpenMP kernels run slower when called from any other thread: the built-in model's 20-step 64x64 txt2img took
+1.5-1.8 s in a second thread against 0.5-0.8 s in the main thread (2 threads; 1 thread showed no difference), and a
+thread's malloc arena cannot keep large blocks (sdtorch/memory.py).
+
 Interrupt and skip are flags the worker's step callback reads: the running job stops after its current step, and no
 other job can be hit by a stop meant for this one. Skip stops the current batch of an n_iter job and goes on with the
 next, interrupt stops the job; either way the answer carries the images finished so far (A1111 also returns the
@@ -12,7 +17,6 @@ import contextlib
 import datetime
 import gc
 import queue
-import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -93,16 +97,8 @@ class Worker:
         self.previewer: Previewer | None = None
         self.resolution = 512  # the loaded model's native size, the default width and height
         self.seconds_per_job = 1.0  # running mean, for Retry-After
-        self._thread = threading.Thread(target=self._loop, name="sdtorch-worker", daemon=True)
 
     # -- the request side ----------------------------------------------------------------------------------------
-    def start(self) -> None:
-        if str(self.device) in ("auto", "cpu"):
-            from .. import memory
-
-            memory.keep_freed_blocks()  # before the thread starts, or its activations miss the tuned heap (memory.py)
-        self._thread.start()
-
     def submit(self, job: Job) -> Future:
         """Queue a job (queue.Full when the queue is full) and return its future."""
         self.queue.put_nowait(job)
@@ -134,9 +130,16 @@ class Worker:
         self.pipe, self.checkpoint, self.previewer = pipe, checkpoint, Previewer(pipe)
         self.resolution = pipe.config.resolution
 
-    def _loop(self) -> None:
+    def run(self, keep_going=lambda: True) -> None:
+        """Run the queued jobs, in this thread (the main one: see the module's text), until `stop` or until
+        `keep_going()` turns false (checked every second while the queue is empty)."""
         while True:
-            job = self.queue.get()
+            try:
+                job = self.queue.get(timeout=1.0)
+            except queue.Empty:
+                if not keep_going():
+                    return
+                continue
             if job is None:
                 return
             if not job.future.set_running_or_notify_cancel():
