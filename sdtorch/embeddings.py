@@ -11,6 +11,7 @@ the position embeddings are added. Layouts read, told apart by their tensor name
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import pickle
 from contextlib import ExitStack
@@ -157,8 +158,8 @@ class EmbeddingMatcher:
 
     def with_width(self, width: int) -> EmbeddingMatcher:
         """The same names, for a text tower `width` wide (SDXL's second tower); the embeddings used are shared."""
-        other = EmbeddingMatcher.__new__(EmbeddingMatcher)
-        other.library, other.width, other.table, other.used = self.library, width, self.table, self.used
+        other = copy.copy(self)  # shallow: the same table and `used`
+        other.width = width
         return other
 
     def match(self, tokens: list[int], position: int) -> tuple[Embedding, int] | None:

@@ -36,7 +36,7 @@ def available() -> bool:
 
 
 TRIM_EVERY = 64 << 20  # bytes of dropped LoRA-merged weights between two heap trims
-_dropped_merges: list[int] = []
+_untrimmed = 0  # bytes of them dropped since the last trim
 
 
 class _PackedForward:
@@ -60,12 +60,12 @@ class _PackedForward:
             if original is not None:
                 # a LoRA-merged weight (sdtorch/lora.py), ordinary memory: the pack takes its place, and the layer
                 # holds its original again (its mapped pages released), so RAM keeps one copy, packed
-                merged_bytes = layer.weight.nbytes
+                global _untrimmed
+                _untrimmed += layer.weight.nbytes
                 layer._parameters["weight"] = original
                 self.packed, self.carries_merge = packed, True
-                _dropped_merges.append(merged_bytes)
-                if sum(_dropped_merges) >= TRIM_EVERY:  # freed merged blocks back to the OS, not kept beside the
-                    _dropped_merges.clear()              # packs; in batches, as each trim walks the whole heap
+                if _untrimmed >= TRIM_EVERY:  # freed merged blocks back to the OS, not kept beside the packs; in
+                    _untrimmed = 0            # batches, as each trim walks the whole heap
                     memory.trim_heap()
             else:
                 # the pack stays if the original's memory-mapped pages could be given back (the original is not

@@ -13,7 +13,6 @@ partly denoised batch; here it is dropped).
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import queue
@@ -90,7 +89,7 @@ class Progress:
 class Worker:
     def __init__(self, *, device="auto", dtype=None, max_queue: int = 16):
         self.device, self.dtype = device, dtype
-        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.progress = Progress()
         self.pipe = None
         self.checkpoint: Checkpoint | None = None
@@ -131,8 +130,8 @@ class Worker:
         self.resolution = pipe.config.resolution
 
     def run(self, keep_going=lambda: True) -> None:
-        """Run the queued jobs, in this thread (the main one: see the module's text), until `stop` or until
-        `keep_going()` turns false (checked every second while the queue is empty)."""
+        """Run the queued jobs, in this thread (the main one: see the module's text), until `keep_going()` turns
+        false (checked every second while the queue is empty)."""
         while True:
             try:
                 job = self.queue.get(timeout=1.0)
@@ -140,8 +139,6 @@ class Worker:
                 if not keep_going():
                     return
                 continue
-            if job is None:
-                return
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
@@ -212,7 +209,3 @@ class Worker:
             return None
         return previewer.png(*latest)
 
-    def stop(self) -> None:
-        self.interrupt()
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait(None)

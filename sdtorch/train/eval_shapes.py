@@ -73,4 +73,3 @@ def format_table(result: dict) -> str:
     rows.append(f"VAE PSNR: {result['vae_psnr']:.1f} dB over 64 ground-truth renders")
     rows.append(f"{result['seconds_per_image']:.2f} s per image; 'everything': every attribute the caption names right")
     return "\n".join(rows)
-
