@@ -145,6 +145,8 @@ class Worker:
                 job.future.set_result(self._run(job))
             except BaseException as e:  # noqa: BLE001 — handed to the waiting request
                 job.future.set_exception(e)
+                if isinstance(e, KeyboardInterrupt):  # Ctrl-C during a job stops the server, as it did before
+                    raise
 
     def _run(self, job: Job):
         self.load(job.checkpoint)
