@@ -554,3 +554,29 @@ def test_the_linear_preview_beats_a_flat_colour():
     flat = (decoded - decoded.mean((0, 2, 3), keepdim=True)).abs().mean().item() * 127.5
     assert linear < 0.75 * flat, (linear, flat)  # measured: 49.6 against 79.8 (in 0..255 units)
 
+
+
+def test_ctrl_c_during_a_job_stops_the_server_and_answers_its_request_503():
+    """The generations run in the server's main thread: Ctrl-C (SIGINT) there stops the running job and the server,
+    and the request waiting on that job gets a 503 saying why, not a 500 or a hang."""
+    import signal
+    import threading
+
+    server = Server(auth=None)
+    answer = {}
+
+    def ask():
+        answer["response"] = requests.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1000,
+                                                                                   "width": 64, "height": 64},
+                                           timeout=120)
+
+    client = threading.Thread(target=ask)
+    client.start()
+    deadline = time.time() + 60
+    while not requests.get(server.url + "/sdapi/v1/progress", timeout=5).json()["state"]["sampling_step"]:
+        assert time.time() < deadline, "the job did not start"
+        time.sleep(0.05)
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(timeout=30) == 0
+    client.join(timeout=30)
+    assert answer["response"].status_code == 503 and "stopping" in answer["response"].json()["detail"]

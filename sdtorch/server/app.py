@@ -29,7 +29,7 @@ from . import mapping
 from .checkpoints import Checkpoints
 from .mapping import FieldError
 from .schemas import Img2ImgRequest, PNGInfoRequest, Txt2ImgRequest
-from .worker import Job, Worker
+from .worker import Job, ServerStopping, Worker
 
 log = logging.getLogger("sdtorch.serve")
 STATIC = Path(__file__).parent / "static"
@@ -179,6 +179,8 @@ def build_app(worker: Worker, checkpoints: Checkpoints, config: ServerConfig) ->
                     return future.result()
                 except ValueError as e:  # the pipeline or the loader refused something (sdtorch's bad-input errors)
                     return JSONResponse({"detail": str(e)}, status_code=422)
+                except ServerStopping as e:
+                    return JSONResponse({"detail": str(e)}, status_code=503)
             if await request.is_disconnected():
                 job.abandoned = True
                 job.future.cancel()  # still queued: the worker skips it

@@ -26,6 +26,10 @@ from .checkpoints import Checkpoint
 from .preview import Previewer
 
 
+class ServerStopping(Exception):
+    """Handed to the request whose job was running when the server was stopped (Ctrl-C)."""
+
+
 class JobStopped(Exception):
     """Raised from the step callback when the running job was interrupted, skipped or abandoned by its client."""
 
@@ -143,10 +147,11 @@ class Worker:
                 continue
             try:
                 job.future.set_result(self._run(job))
+            except KeyboardInterrupt:  # Ctrl-C during a job stops the server; its request is told why
+                job.future.set_exception(ServerStopping("the server is stopping; the job was not finished"))
+                raise
             except BaseException as e:  # noqa: BLE001 — handed to the waiting request
                 job.future.set_exception(e)
-                if isinstance(e, KeyboardInterrupt):  # Ctrl-C during a job stops the server, as it did before
-                    raise
 
     def _run(self, job: Job):
         self.load(job.checkpoint)
