@@ -509,6 +509,7 @@ def test_an_sdxl_pipeline_applies_a_tagged_lora_to_both_towers_and_the_unet(tmp_
     pipe = Pipeline(models, CLIPTokenizer.default(), TINY_SDXL, device="cpu", lora_dir=tmp_path)
     image = pipe.txt2img("a cat <lora:xl:0.8:0.6>", **settings)[0]
     reference = Pipeline(by_hand, CLIPTokenizer.default(), TINY_SDXL, device="cpu").txt2img("a cat", **settings)[0]
+    # 8-bit images: the fused addmm and the hand-written W + ΔW round differently (~1e-7), at most one level apart
     assert abs(pixels(image) - pixels(reference)).max() <= 1
     assert "Lora hashes" in image.info["parameters"]
     assert all(torch.equal(v, base[k]) for k, v in models.state_dict().items())
