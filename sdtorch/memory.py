@@ -112,6 +112,8 @@ def _libc() -> ctypes.CDLL:
 # mmapped again whatever the threshold says (a 200 MB tensor made and freed 10 times in a thread: 977k page faults,
 # 0 in the main thread). With one arena every thread allocates from the main heap; one thread generates at a time,
 # so its lock costs nothing measurable. A thread picks its arena at its first malloc: tune before starting threads.
+# Even then a thread may be handed an arena some thread made before the call (import-time threads do, on some
+# machines), so the CLI and the server generate in the main thread.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # mallopt parameters, <malloc.h>
 MMAP_THRESHOLD = 1 << 30  # blocks below 1 GiB come from the heap
 TRIM_THRESHOLD = 1 << 31  # the heap keeps up to 2 GiB of free memory at its top instead of returning it at once

@@ -78,7 +78,7 @@ def test_without_pagemap_nothing_is_released(tmp_path, monkeypatch):
 
 
 REUSE_CHECK = """
-import resource, sys, threading
+import resource, sys
 import torch
 from sdtorch.memory import PAGE, keep_freed_blocks
 
@@ -96,34 +96,25 @@ def faulted_fraction():
         pages += 2 * mb * 2**20 // PAGE
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / pages
 
-def settled(out):
-    faulted_fraction(), faulted_fraction()  # the heap grows to hold them
-    # the best of three rounds: now and then the heap's top cannot grow in place and one block faults in once more
-    out.append(min(faulted_fraction() for _ in range(3)))
-
-fractions = []
-settled(fractions)
-thread = threading.Thread(target=settled, args=(fractions,))
-thread.start()
-thread.join()
-print(*fractions)
+faulted_fraction(), faulted_fraction()  # the heap grows to hold them
+# the best of three rounds: now and then the heap's top cannot grow in place and one block faults in once more
+print(min(faulted_fraction() for _ in range(3)))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_large_blocks_are_reused_instead_of_faulted_in_again():
     """After keep_freed_blocks, activations of 12-100 MB freed and allocated again reuse the heap's pages instead of
-    new zero-filled ones (with glibc's defaults ~90-100% of their pages fault in again every round, measured) — in the
-    main thread and in a thread started after it, as the server's worker is (without the one-arena setting that thread
-    faulted ~100% in again: its arena's 64 MB heaps cannot hold the blocks). In a fresh process, as a command starts:
-    a thread that found other arenas already made may be given one of those."""
+    new zero-filled ones (with glibc's defaults ~90-100% of their pages fault in again every round, measured). In the
+    main thread, in a fresh process, as a command starts: the CLI and the server both generate in the main thread. A
+    thread started later is not asserted: it may be handed an arena that a thread made before the call (CI's machine
+    once gave one that faulted 23% of the pages in again), why the server generates in the main thread."""
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", REUSE_CHECK], capture_output=True, text=True, check=True).stdout
     if out.strip() == "not glibc":
         pytest.skip("not glibc")
-    main_thread, other_thread = map(float, out.split())
-    assert main_thread < 0.1 and other_thread < 0.1, out
+    assert float(out) < 0.1, out
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
