@@ -20,13 +20,17 @@ def load(path, *, vae=None, device="auto", dtype=None, ema: bool = False, predic
     sdtorch.memory.keep_freed_blocks): the command line turns it on, a library caller decides.
     lora_dir/embeddings_dir: where prompts' <lora:NAME:W> tags and embedding names are looked up (default: A1111's
     layout, models/Lora and embeddings/ beside a models/Stable-diffusion folder, else under the current folder)."""
+    import torch
+
     from .checkpoint import load_checkpoint
     from .pipeline import Pipeline, resolve_device, resolve_dtype
 
-    loaded = load_checkpoint(path, vae=vae, device="cpu", dtype=resolve_dtype(dtype), ema=ema,
-                             prediction_type=prediction_type)
+    # computing in fp32 on the CPU, an fp16 file's layer weights stay as stored (models/stored.py)
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    loaded = load_checkpoint(path, vae=vae, device="cpu", dtype=dtype, ema=ema, prediction_type=prediction_type,
+                             stored_layers=device.type == "cpu" and dtype in (None, torch.float32))
     return Pipeline(loaded.models, loaded.tokenizer, loaded.config, name=loaded.name,
-                    model_hash=lambda: loaded.sha256_short, device=resolve_device(device), dtype=dtype,
+                    model_hash=lambda: loaded.sha256_short, device=device, dtype=dtype or torch.float32,
                     offload=offload, tune_allocator=tune_allocator, lora_dir=lora_dir or default_dirs(path)[0],
                     embeddings_dir=embeddings_dir or default_dirs(path)[1])
 

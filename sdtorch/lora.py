@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from . import memory
+from .models import stored
 from .checkpoint.diffusers_keys import to_diffusers, unet_rules
 from .checkpoint.formats import detect_format, read_tensor_file
 
@@ -325,8 +326,9 @@ class AppliedNetworks:
         """Put every original weight back (the very tensors that were there: bit for bit)."""
         for module, original in self.originals.items():
             current = module.weight
-            if original.device != current.device or original.dtype != current.dtype:  # the model moved meanwhile
-                original = nn.Parameter(original.data.to(current.device, current.dtype), requires_grad=False)
+            dtype = original.dtype if stored.is_stored(module) else current.dtype  # (a stored weight stays as stored)
+            if original.device != current.device or original.dtype != dtype:  # the model moved meanwhile
+                original = nn.Parameter(original.data.to(current.device, dtype), requires_grad=False)
             module._parameters["weight"] = original
         self.originals.clear()
 
@@ -352,7 +354,8 @@ def apply_networks(models, networks: list[tuple[Network, float, float]],
             if module not in originals:
                 originals[module] = weight
                 memory.release([weight])  # layer by layer, so RAM never holds both copies of many weights
-            merged = nn.Parameter(work.to(weight.dtype), requires_grad=False)
+            # in the dtype the layer computes in (fp32 for an fp16 weight kept as stored: models/stored.py)
+            merged = nn.Parameter(work.to(stored.compute_dtype(module)), requires_grad=False)
             merged.original = originals[module]  # models/packed.py packs the merge and gives the layer this back
             module._parameters["weight"] = merged
 

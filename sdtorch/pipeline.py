@@ -30,6 +30,7 @@ from .embeddings import EmbeddingLibrary, EmbeddingMatcher
 from .lora import AppliedNetworks, find_file, read_network
 from .metadata import format_parameters, png_with_parameters
 from .models import StableDiffusionModels
+from .models import stored
 from .models.packed import packed_weights
 from .prompts import extract_lora_tags
 from .tiling import decode_tiled, encode_tiled
@@ -71,6 +72,15 @@ def warn_if_cpu_lacks(dtype: torch.dtype) -> None:
         name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         warnings.warn(f"this CPU has no native {name} kernels ({torch.backends.cpu.get_cpu_capability()}): the UNet "
                       f"will run many times slower than in fp32; use dtype fp32 here", stacklevel=3)
+
+
+def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move `model` to compute in `dtype` on `device`. In fp32 on the CPU, layer weights a file stores in half
+    precision stay as stored, memory-mapped, and are cast per call or packed per loop (models/stored.py)."""
+    if device.type == "cpu" and dtype == torch.float32:
+        stored.compute_in(model.to(device), dtype)
+    else:
+        stored.cast_all(model, device, dtype)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -193,7 +203,7 @@ class Pipeline:
         self._model_hash = model_hash  # a str, or a callable computing it lazily (hashing GBs takes seconds)
         self.schedule = DiscreteSchedule.scaled_linear()
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype) or next(models.parameters()).dtype
+        self.dtype = resolve_dtype(dtype) or stored.model_dtype(models)
         self.offload = offload  # keep CLIP and VAE on the CPU, only the UNet on the accelerator
         # give the pages of memory-mapped CPU weights back to the OS after each phase of a generation (sdtorch.memory)
         self.release_idle_weights = release_idle_weights
@@ -219,13 +229,13 @@ class Pipeline:
         self.device = resolve_device(device) if device is not None else self.device
         self.dtype = resolve_dtype(dtype) or self.dtype
         side = torch.device("cpu") if self.offload else self.device
-        self.unet.to(self.device, self.dtype)
+        _place(self.unet, self.device, self.dtype)
         if self.device.type == "cpu" and self.dtype in (torch.float16, torch.bfloat16):
             warn_if_cpu_lacks(self.dtype)
         # on the CPU fp16/bf16 are slow and not always supported: keep the side models fp32 there
         side_dtype = torch.float32 if side.type == "cpu" else self.dtype
-        self.text_encoder.to(side, side_dtype)
-        self.vae.to(side, side_dtype)
+        _place(self.text_encoder, side, side_dtype)
+        _place(self.vae, side, side_dtype)
         if self.tune_allocator and self.device.type == "cpu":
             memory.keep_freed_blocks()  # large activations reused, not faulted in afresh at every step
         return self
@@ -476,7 +486,7 @@ class Pipeline:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8): the posterior mean, deterministic."""
         vae = self.vae
         p = next(vae.parameters())
-        image = self._vae_input(image.to(p.device, p.dtype))
+        image = self._vae_input(image.to(p.device, stored.model_dtype(vae)))
         mean = encode_tiled(vae, image) if tiled else vae.encode(image).mean
         # back to NCHW: the UNet that takes these latents runs slower on channels-last activations
         return (mean.float() * self.config.vae.scale_factor).to(self.device).contiguous()
@@ -488,7 +498,7 @@ class Pipeline:
         p = next(vae.parameters())
         z = self._vae_input((latents.float() / self.config.vae.scale_factor).to(p.device))
         decode = (lambda t: decode_tiled(vae, t)) if tiled else vae.decode
-        dtype = p.dtype  # kept apart: vae.float() below converts p itself
+        dtype = stored.model_dtype(vae)
         out = decode(z.to(dtype)).float()
         if not torch.isfinite(out).all():
             if dtype == torch.float32:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig, VAEConfig
 from ..diffusion.schedule import PREDICTION_TYPES
+from ..models.stored import compute_in
 from ..models.stable_diffusion import PREFIXES, StableDiffusionModels, text_encoder_prefixes
 from ..tokenizer import CLIPTokenizer
 from .diffusers_folder import WEIGHT_NAMES, part_from_diffusers, read_diffusers_folder, read_part_weights
@@ -64,14 +65,16 @@ class LoadedCheckpoint:
 
 def load_checkpoint(path: str | Path, *, vae: str | Path | None = None, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None, ema: bool = False, prediction_type: str | None = None,
-                    config: ModelConfig | None = None) -> LoadedCheckpoint:
+                    config: ModelConfig | None = None, stored_layers: bool = False) -> LoadedCheckpoint:
     """An SD 1.x checkpoint (.safetensors, .ckpt, or a diffusers folder), optionally with another VAE (`vae`: a file in
     either key layout, or a diffusers vae/ folder). dtype None means float32; `ema` picks a full checkpoint's EMA
     UNet; `prediction_type` (one of diffusion.PREDICTION_TYPES) overrides the sidecar .yaml and the file's own; `config`
-    overrides the one the file carries or its shapes imply."""
+    overrides the one the file carries or its shapes imply. `stored_layers`: Linear and Conv2d weights stay in the
+    precision the file stores them in (memory-mapped, from safetensors) and are cast at each call, the rest is cast
+    to dtype (models/stored.py: how the CPU computes an fp16 file in fp32)."""
     check_dtype(dtype)
     return _load_checkpoint(path, vae=vae, device=device, dtype=dtype or torch.float32, ema=ema,
-                            prediction_type=prediction_type, config=config)
+                            prediction_type=prediction_type, config=config, stored_layers=stored_layers)
 
 
 def check_dtype(dtype) -> None:
@@ -80,7 +83,7 @@ def check_dtype(dtype) -> None:
 
 
 def _load_checkpoint(path, *, vae, device, dtype: torch.dtype | None, ema: bool, prediction_type: str | None,
-                     config: ModelConfig | None) -> LoadedCheckpoint:
+                     config: ModelConfig | None, stored_layers: bool = False) -> LoadedCheckpoint:
     """load_checkpoint, where dtype None keeps every tensor's stored dtype (what `convert` needs)."""
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -115,8 +118,11 @@ def _load_checkpoint(path, *, vae, device, dtype: torch.dtype | None, ema: bool,
         expected = {k: tuple(t.shape) for k, t in models.state_dict().items()}
         tensors = _select_unet_weights(tensors, expected, ema, where)
         tensors = _check_keys_and_shapes(tensors, expected, where)
-        state = {k: ref.load(dtype, device) for k, ref in tensors.items()}  # tensor by tensor, cast while reading
+        # tensor by tensor, cast while reading
+        state = {k: ref.load(None if stored_layers else dtype, device) for k, ref in tensors.items()}
     models.load_state_dict(state, strict=True, assign=True)
+    if stored_layers:
+        compute_in(models, dtype)
     left = [n for n, t in chain(models.named_parameters(), models.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{where}: no weights for {name_some(left)} (left on the meta device)")

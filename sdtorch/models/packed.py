@@ -10,10 +10,11 @@ rounding only (~1e-6 relative).
 `packed_weights(model)` packs each Linear and Conv2d of `model` at its first call inside the block (the first call
 tells the kernel its input size); on exit the packs are freed and their pages handed back to the OS
 (`memory.trim_heap`). A pack is a copy of its weight, so by default it is kept only where it replaces one: where the
-original is a view of a file's memory map (an fp32 .safetensors loaded as it is), whose pages go back to the OS once
-packed (`memory.release`). Weights in ordinary memory (cast from fp16, say) run the plain ops, so that RAM never
-holds two copies. A LoRA-merged weight (ordinary memory that exists only for the sampling loop, sdtorch/lora.py) is
-packed and then dropped: the layer gets its original back, and its pack carries the merge until the block ends.
+original is a view of a file's memory map, whose pages go back to the OS once packed (`memory.release`): an fp32
+.safetensors loaded as it is, or an fp16 one whose layers keep their stored weights (models/stored.py), packed from
+their fp32 cast. Weights in ordinary memory run the plain ops, so that RAM never holds two copies. A LoRA-merged
+weight (ordinary memory that exists only for the sampling loop, sdtorch/lora.py) is packed and then dropped: the
+layer gets its original back, and its pack carries the merge until the block ends.
 Inference only: while autograd records, layers run as usual.
 
 The pipeline packs its UNet for each generation's sampling loop and frees the packs before the VAE decodes. Packing
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from .. import memory
+from . import stored
 
 
 def available() -> bool:
@@ -44,6 +46,7 @@ class _PackedForward:
 
     def __init__(self, layer: nn.Linear | nn.Conv2d, duplicates_ok: bool):
         self.layer, self.duplicates_ok = layer, duplicates_ok
+        self.inner = layer.__dict__.get("forward")  # the layer's own stand-in (a stored.CastingForward), if any
         self.packed, self.plain, self.carries_merge = None, False, False
         if isinstance(layer, nn.Conv2d):
             self.conv_args = list(layer.padding), list(layer.stride), list(layer.dilation), layer.groups
@@ -53,7 +56,7 @@ class _PackedForward:
         if self.plain or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
             if self.carries_merge:  # the layer's own weight lacks the LoRA now: running it would drop the LoRA
                 raise RuntimeError("a LoRA-merged layer was packed and can only run on its pack inside the block")
-            return type(layer).forward(layer, x)
+            return self.plain_forward(x)
         if self.packed is None:
             packed = self.pack(x)
             original = getattr(layer.weight, "original", None)
@@ -73,15 +76,18 @@ class _PackedForward:
                 released = memory.release([layer.weight])
                 if not (self.duplicates_ok or released >= layer.weight.nbytes - 2 * memory.PAGE):
                     self.plain = True
-                    return type(layer).forward(layer, x)
+                    return self.plain_forward(x)
                 self.packed = packed
         if isinstance(layer, nn.Linear):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, layer.bias, "none", [], "")
         return torch.ops.mkldnn._convolution_pointwise(x, self.packed, layer.bias, *self.conv_args, "none", [], "")
 
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) if self.inner is not None else type(self.layer).forward(self.layer, x)
+
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight in oneDNN's layout for inputs like x (an opaque oneDNN tensor)."""
-        weight = self.layer.weight
+        """The weight, in fp32, in oneDNN's layout for inputs like x (an opaque oneDNN tensor)."""
+        weight = self.layer.weight.to(torch.float32)  # a stored fp16 weight: its exact cast
         if isinstance(self.layer, nn.Linear):
             return torch.ops.mkldnn._reorder_linear_weight(weight, x.numel() // x.shape[-1])
         return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), *self.conv_args, list(x.shape))
@@ -90,7 +96,7 @@ class _PackedForward:
 def _packable(layer: nn.Module) -> bool:
     if not isinstance(layer, (nn.Linear, nn.Conv2d)):
         return False
-    if layer.weight.dtype != torch.float32 or layer.weight.device.type != "cpu":
+    if stored.compute_dtype(layer) != torch.float32 or layer.weight.device.type != "cpu":
         return False
     # oneDNN's convolution pads with zeros only, and takes explicit padding (not "same"/"valid")
     return isinstance(layer, nn.Linear) or (layer.padding_mode == "zeros" and not isinstance(layer.padding, str))
@@ -107,8 +113,11 @@ def packed_weights(model: nn.Module, duplicates_ok: bool = False) -> Iterator[No
     try:
         yield
     finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+        for layer, forward in zip(layers, forwards, strict=True):
+            if forward.inner is not None:
+                layer.forward = forward.inner
+            else:
+                layer.__dict__.pop("forward", None)
         if any(forward.packed is not None for forward in forwards):
             for forward in forwards:
                 forward.packed = None

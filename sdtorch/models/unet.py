@@ -12,6 +12,7 @@ from torch import nn
 from ..config import UNetConfig
 from .attention import BasicTransformerBlock
 from .norm import GroupNorm32
+from .stored import compute_dtype
 from .upsample import Upsample
 
 
@@ -179,7 +180,7 @@ class UNet(nn.Module):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         self.check_inputs(x, t, context, y)
-        dtype = self.time_embed[0].weight.dtype
+        dtype = compute_dtype(self.time_embed[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))  # (B,) -> (B, 4·mc)
         if y is not None:
             emb = emb + self.label_emb(y.to(dtype))

@@ -31,19 +31,20 @@ def taps_on(device: torch.device) -> torch.Tensor:
         return TAPS.T.to(device)
 
 
-def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
-    """(O, I, 3, 3) kernel -> (2, 2, O, I, 2, 2): [a][b] is the 2x2 kernel of output phase (row a, column b).
+def phase_kernels(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(O, I, 3, 3) kernel -> (2, 2, O, I, 2, 2) in `dtype` (default: the weight's): [a][b] is the 2x2 kernel of
+    output phase (row a, column b).
     One matrix product folds every phase's taps (in fp32 even for fp16 weights): it runs at every call, and for the
     UNet's 1280-wide convs it is ~3x faster than summing and stacking the taps one by one (~50 vs ~140 ms)."""
     o, i = weight.shape[:2]
     folded = weight.float().reshape(o * i, 9) @ taps_on(weight.device)  # (O·I, 16): taps (a, b, p, q)
-    return folded.to(weight.dtype).view(o, i, 2, 2, 2, 2).permute(2, 3, 0, 1, 4, 5)
+    return folded.to(dtype or weight.dtype).view(o, i, 2, 2, 2, 2).permute(2, 3, 0, 1, 4, 5)
 
 
 def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(interpolate(x, scale_factor=2, mode="nearest")) for a 3x3, padding-1 `conv`; keeps x's memory format."""
     b, _, h, w = x.shape
-    kernels = phase_kernels(conv.weight)
+    kernels = phase_kernels(conv.weight, x.dtype)  # (x's: an fp16 weight kept as stored computes in fp32)
     padded = F.pad(x, (1, 1, 1, 1))
     nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     out_channels = conv.out_channels
