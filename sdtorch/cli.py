@@ -27,7 +27,8 @@ class CLIError(Exception):
 # the generation settings the options set; their defaults and checks are pipeline.Settings' (one source)
 SETTING_OPTIONS = ("prompt", "negative", "steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch",
                    "strength", "clip_skip", "rng", "hires_scale", "hires_steps", "hires_upscaler", "hires_strength",
-                   "ngms", "ngms_all_steps", "original_size", "target_size", "crop_top_left")
+                   "ngms", "ngms_all_steps", "original_size", "target_size", "crop_top_left", "refiner",
+                   "refiner_switch_at")
 HIRES_KEYS = ("hires_scale", "hires_resize", "hires_steps", "hires_upscaler", "hires_strength")
 
 
@@ -61,6 +62,10 @@ def add_generate(sub) -> None:
     p.add_argument("--target-size", type=height_width, metavar="WxH",
                    help="SDXL: the target size (default: the image's)")
     p.add_argument("--crop-top-left", type=top_left, metavar="TOP,LEFT", help="SDXL: the crop's corner (default 0,0)")
+    p.add_argument("--refiner", metavar="MODEL",
+                   help="A1111's refiner: this model (e.g. SDXL's refiner) samples the end of the schedule")
+    p.add_argument("--refiner-switch-at", type=float, metavar="F",
+                   help="with --refiner: the fraction of the schedule (by timestep) after which it takes over (0.8)")
     p.add_argument("--seed", type=int, help="-1 (default) = random; the seed used is printed")
     p.add_argument("--width", type=int, help="default: the model's native resolution")
     p.add_argument("--height", type=int)
@@ -129,7 +134,11 @@ def generation_settings(args) -> dict:
         text = read_png_parameters(args.from_png)
         prompt, negative, params = parse_parameters(text)
         settings.update(prompt=prompt, negative=negative)
-        settings.update(a1111_settings(params_to_kwargs(params)))
+        stored = a1111_settings(params_to_kwargs(params))
+        refined_by = stored.pop("refiner_title", None)
+        if refined_by and args.refiner is None:
+            raise CLIError(f"--from: the image was finished by the refiner {refined_by}: give its file as --refiner")
+        settings.update(stored)
     for key in SETTING_OPTIONS:
         value = getattr(args, key, None)
         if value is not None:
@@ -315,6 +324,8 @@ def run_generate(args) -> int:
     if not Path(model).exists():
         raise CLIError(f"model not found: {model}" + ("" if args.model else " (the built-in model is not installed; "
                                                        "pass --model PATH)"))
+    if args.refiner is not None and not Path(args.refiner).exists():
+        raise CLIError(f"--refiner: model not found: {args.refiner}")
     if setting(s, "seed") == -1:
         s["seed"] = random.randrange(2 ** 32)  # drawn here: the output names carry it
     paths = output_paths(args.output, setting(s, "batch"), s["seed"])
@@ -327,7 +338,8 @@ def run_generate(args) -> int:
     pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype, tune_allocator=True,
                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     pipe.batch_exact = args.exact_batch
-    if pipe.config.family != "sdxl" and any(k in s for k in ("original_size", "target_size", "crop_top_left")):
+    if pipe.config.family not in ("sdxl", "sdxl_refiner") and any(k in s for k in ("original_size", "target_size",
+                                                                                  "crop_top_left")):
         raise CLIError(f"--original-size, --target-size and --crop-top-left condition SDXL models only; this is an "
                        f"{pipe.config.family.upper()} model")
     if init is None:

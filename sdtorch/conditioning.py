@@ -6,6 +6,8 @@
   SDXL    ViT-L/14 and OpenCLIP ViT-bigG/14, both penultimate WITHOUT the final LayerNorm, concatenated on features:
           (1, 77k, 768 + 1280); plus y = [bigG's projected pooled text (1280), sin/cos embeddings (256 each) of the
           original size (h, w), crop top-left (top, left) and target size (h, w)] (Podell et al. 2023, sec. 2.2)
+  SDXL refiner  ViT-bigG/14 alone, as SDXL uses it: (1, 77k, 1280); y = [pooled text (1280), embeddings of the
+          original size, the crop, and an aesthetic score (A1111's defaults: 6 for the prompt, 2.5 for the negative)]
 Prompts are split into chunks and weighted by each tower the same way (prompts.py); SDXL's pooled text is the first
 chunk's, and an empty negative prompt is all zeros (A1111's force_zero_embeddings, diffusers'
 force_zeros_for_empty_prompt).
@@ -20,6 +22,9 @@ from .models.unet import timestep_embedding
 from .prompts import encode_prompt_pair
 
 SIZE_EMBED_DIM = 256  # per number (sgm's ConcatTimestepEmbedderND outdim, diffusers' addition_time_embed_dim)
+# the SDXL refiner's aesthetic-score conditions (A1111's sdxl_refiner_high/low_aesthetic_score options, diffusers'
+# aesthetic_score/negative_aesthetic_score): trained on LAION aesthetic scores, high steers towards "beautiful"
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
 
 
 @dataclass
@@ -58,10 +63,10 @@ class _Tower:
         return hidden
 
 
-def size_embedding(original_size, crop, target_size) -> torch.Tensor:
-    """SDXL's micro-conditioning numbers (h, w, top, left, h, w) -> (1, 6·256), each number's own sinusoidal
-    embedding (Vaswani et al. 2017, as the UNet's timesteps), cos first."""
-    numbers = torch.tensor([*original_size, *crop, *target_size], dtype=torch.float32)
+def size_embedding(*groups) -> torch.Tensor:
+    """SDXL's micro-conditioning numbers, e.g. (h, w), (top, left), (h, w) -> (1, 6·256): each number's own
+    sinusoidal embedding (Vaswani et al. 2017, as the UNet's timesteps), cos first."""
+    numbers = torch.tensor([n for group in groups for n in group], dtype=torch.float32)
     return timestep_embedding(numbers, SIZE_EMBED_DIM).reshape(1, -1)  # (6,) -> (6, 256) -> (1, 1536)
 
 
@@ -88,7 +93,9 @@ def size_params(s) -> dict:
 def tokenizers(config, tokenizer) -> tuple:
     """One tokenizer per text encoder: SDXL's bigG tower pads with 0 (OpenCLIP; A1111's id_pad, diffusers'
     tokenizer_2 pad "!"), its ViT-L tower with the end token like SD 1.x."""
-    return (tokenizer, tokenizer.with_pad_token_id(0)) if config.family == "sdxl" else (tokenizer,)
+    if config.family == "sdxl":
+        return tokenizer, tokenizer.with_pad_token_id(0)
+    return (tokenizer.with_pad_token_id(0),) if config.family == "sdxl_refiner" else (tokenizer,)
 
 
 def encode_prompts(models, tokenizers, config, prompt: str, negative: str, clip_skip: int = 1,
@@ -103,7 +110,7 @@ def encode_prompts(models, tokenizers, config, prompt: str, negative: str, clip_
     if config.family == "sd2":  # the penultimate layer, normed, whatever the clip skip (A1111's OpenCLIP hijack)
         return Conditioning(*encode_prompt_pair(towers[0], tokenizers[0], prompt, negative, clip_skip=2,
                                                 embeddings=embeddings))
-    if config.family != "sdxl":
+    if config.family not in ("sdxl", "sdxl_refiner"):
         raise ValueError(f"unknown model family {config.family!r}")
     contexts, pooled = [], None
     for clip, tokenizer in zip(towers, tokenizers, strict=True):
@@ -116,6 +123,12 @@ def encode_prompts(models, tokenizers, config, prompt: str, negative: str, clip_
     pooled_cond, pooled_uncond = pooled[0:1], pooled[k:k + 1]  # each prompt's first chunk
     if negative == "":
         uncond, pooled_uncond = torch.zeros_like(uncond), torch.zeros_like(pooled_uncond)
-    sizes_emb = size_embedding(*sizes).to(pooled.device, pooled.dtype)
-    return Conditioning(cond, uncond, torch.cat([pooled_cond, sizes_emb], dim=1),
-                        torch.cat([pooled_uncond, sizes_emb], dim=1))
+    original_size, crop, target_size = sizes
+    if config.family == "sdxl":
+        numbers = size_embedding(original_size, crop, target_size)
+        numbers_uncond = numbers
+    else:  # the refiner: an aesthetic score where the base has the target size, the negative prompt's low
+        numbers = size_embedding(original_size, crop, (AESTHETIC_SCORE,))
+        numbers_uncond = size_embedding(original_size, crop, (NEGATIVE_AESTHETIC_SCORE,))
+    return Conditioning(cond, uncond, torch.cat([pooled_cond, numbers.to(pooled.device, pooled.dtype)], dim=1),
+                        torch.cat([pooled_uncond, numbers_uncond.to(pooled.device, pooled.dtype)], dim=1))

@@ -82,7 +82,8 @@ class UNetConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to build one Stable Diffusion model and run its diffusion process."""
-    family: str = "sd1"  # "sd1" | "sd2" | "sdxl": which text encoders and conditioning (sdtorch/conditioning.py)
+    # "sd1" | "sd2" | "sdxl" | "sdxl_refiner": which text encoders and conditioning (sdtorch/conditioning.py)
+    family: str = "sd1"
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     clip: CLIPTextConfig = field(default_factory=CLIPTextConfig)
@@ -136,3 +137,11 @@ SDXL_UNET = UNetConfig(channel_mult=(1, 2, 4), attention_resolutions=(4, 2), num
                        adm_in_channels=2816)
 SDXL = ModelConfig(family="sdxl", unet=SDXL_UNET, vae=VAEConfig(scale_factor=0.13025), clip=CLIPTextConfig(),
                    clip_2=OPENCLIP_VIT_BIGG, resolution=1024)
+# SDXL 1.0 refiner (sgm's sd_xl_refiner.yaml): trained on the low-noise part of the schedule, to finish what the base
+# began; 384 wide, four levels with 4 transformer blocks at the middle two, conditioned on bigG alone (a 1280-wide
+# context) and y = pooled bigG text (1280) + 5·256 (original size, crop, and an aesthetic score in place of the size)
+SDXL_REFINER_UNET = UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2),
+                               num_head_channels=64, transformer_depth=4, context_dim=1280,
+                               use_linear_in_transformer=True, adm_in_channels=2560)
+SDXL_REFINER = ModelConfig(family="sdxl_refiner", unet=SDXL_REFINER_UNET, vae=VAEConfig(scale_factor=0.13025),
+                           clip=OPENCLIP_VIT_BIGG, resolution=1024)

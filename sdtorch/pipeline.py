@@ -27,12 +27,13 @@ from .diffusion.sample import CONVENTIONS, sample
 from .diffusion.samplers import SCHEDULE_LABELS, parse_sampler_name, resolve_schedule
 from .diffusion.schedule import DiscreteSchedule
 from .embeddings import EmbeddingLibrary, EmbeddingMatcher
-from .lora import AppliedNetworks, find_file, read_network
+from .lora import FAMILY_NAMES, AppliedNetworks, find_file, read_network
 from .metadata import format_parameters, png_with_parameters
 from .models import StableDiffusionModels
 from .models import stored
 from .models.packed import packed_weights
 from .prompts import extract_lora_tags
+from .refiner import Handover
 from .tiling import decode_tiled, encode_tiled
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -127,6 +128,9 @@ class Settings:
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
+    # A1111's "Refiner": a second model (a path) samples from refiner_switch_at of the schedule on (refiner.py)
+    refiner: str | None = None
+    refiner_switch_at: float = 0.8
     # what a run found out that its PNG text carries: A1111's "Lora hashes" and "TI hashes" of the files it used, and
     # "NGMS" when it did skip an unconditional pass; filled in the resolved copy of the settings that a run returns
     # (see Pipeline.run_resolved), never by the caller
@@ -167,6 +171,10 @@ class Settings:
             raise SettingError("hires_steps", f"must be at least 0, got {self.hires_steps}")
         if not isinstance(self.ngms, (int, float)) or not math.isfinite(self.ngms) or self.ngms < 0:
             raise SettingError("ngms", f"must be a σ of at least 0 (0 = off), got {self.ngms}")
+        if not isinstance(self.refiner_switch_at, (int, float)) or not 0 < self.refiner_switch_at <= 1:
+            raise SettingError("refiner_switch_at", f"must be in (0, 1], got {self.refiner_switch_at}")
+        if self.refiner is not None and self.hires:
+            raise SettingError("refiner", "together with hires fix is not supported yet")
 
     def resolved(self, resolution: int) -> Settings:
         """A validated copy with nothing left open: the size (the model's `resolution` by default), a drawn seed
@@ -222,6 +230,7 @@ class Pipeline:
         self.embeddings = EmbeddingLibrary(embeddings_dir)
         self.networks = AppliedNetworks(self.models)
         self._network_files: dict = {}
+        self._refiners: dict[str, Pipeline] = {}
         self.to(self.device, self.dtype)
 
     # -- set-up -------------------------------------------------------------------------------------------------
@@ -330,7 +339,8 @@ class Pipeline:
         """(pixels, the settings they were made with): `s` resolved (size, seed; Settings.resolved) plus the hashes
         of the LoRA and embedding files used, what the images' metadata is written from."""
         s = s.resolved(self.config.resolution)
-        if self.config.family != "sdxl" and (s.original_size or s.target_size or tuple(s.crop_top_left) != (0, 0)):
+        if self.config.family not in ("sdxl", "sdxl_refiner") and (s.original_size or s.target_size
+                                                                   or tuple(s.crop_top_left) != (0, 0)):
             raise SettingError("original_size", f"(and target_size, crop_top_left) condition SDXL models only; this "
                                                 f"is an {self.config.family.upper()} model")
         with self._generation() as stop:
@@ -371,9 +381,15 @@ class Pipeline:
             extra_args["uncond"] = None
         if c_concat is not None:
             extra_args["c_concat"] = c_concat.to(self.device)
-        unet = _OneImageAtATime(self.unet, s.batch) if self.batch_exact else self.unet
-        denoiser = CFGDenoiser(unet, self.schedule, self.config.prediction_type, s_min_uncond=s.ngms,
-                               s_min_uncond_all=s.ngms_all_steps)
+        denoiser = self._denoiser(self.unet, s)
+        refiner = self.refiner_pipeline(s.refiner) if s.refiner is not None else None
+        if refiner is not None:  # its conditioning of the same prompts, with its own text encoder
+            refiner_conditions = refiner.conditioning(replace(s, prompt=prompt, negative=negative))
+            refiner._done_with(refiner.text_encoder)
+            refiner_args = {**refiner_conditions.denoiser_args(s.batch, self.device),
+                            "c_concat": extra_args.get("c_concat") if refiner.config.unet.in_channels == 9 else None}
+            if s.cfg == 1:
+                refiner_args["uncond"] = None
 
         def on_step(info):
             if not torch.isfinite(info["denoised"]).all():
@@ -390,8 +406,20 @@ class Pipeline:
         # on the CPU in fp32 the UNet's memory-mapped weights are laid out for oneDNN once for the loop, not at every
         # step; the packs replace the mapped pages, so only where these may be released
         # (merged inside the packing block: restored first, then the packs freed and the heap trimmed)
-        with (packed_weights(self.unet) if self.release_idle_weights else contextlib.nullcontext(),
-              self.networks.merged("unet")):
+        with contextlib.ExitStack() as loop:
+            base = loop.enter_context(contextlib.ExitStack())
+            if self.release_idle_weights:
+                base.enter_context(packed_weights(self.unet))
+            base.enter_context(self.networks.merged("unet"))
+            if refiner is not None:
+                def hand_over():  # as A1111 unloads the base to load the refiner: the base's packs go first
+                    base.close()
+                    self._done_with(self.unet)
+                    s.hashes["Refiner"] = f"{refiner.name} [{refiner.model_hash}]"
+                    if refiner.release_idle_weights:
+                        loop.enter_context(packed_weights(refiner.unet))
+                denoiser = Handover(denoiser, self._denoiser(refiner.unet, s, refiner), refiner_args, self.schedule,
+                                    s.refiner_switch_at, hand_over)
             latents = sample(denoiser, sampler, s.steps, self.schedule, SeededNoise(s.seed, s.batch, s.rng),
                              (channels, h, w), init_latent=x0_latent, strength=s.strength, latent_mask=latent_mask,
                              img2img_fix_steps=s.img2img_fix_steps, **common)
@@ -404,15 +432,39 @@ class Pipeline:
             latents = latent_mask * latents + (1 - latent_mask) * x0_latent
         if auto_tile:  # the hires pass may have made the image larger
             tiled_vae = latents.shape[-2] * latents.shape[-1] * 64 > TILE_ABOVE_PIXELS
+        if refiner is not None:
+            refiner._done_with(refiner.unet)
+        decoder = refiner if "Refiner" in s.hashes else self  # A1111 decodes with the model loaded at the end
         if self.batch_exact:  # (B, 4, h, w) -> B × (1, 4, h, w) -> (B, 3, H, W)
-            pixels = torch.cat([self.decode_latents(one, tiled_vae) for one in latents.split(1)])
+            pixels = torch.cat([decoder.decode_latents(one, tiled_vae) for one in latents.split(1)])
         else:
-            pixels = self.decode_latents(latents, tiled_vae)
-        self._done_with(self.vae)
+            pixels = decoder.decode_latents(latents, tiled_vae)
+        decoder._done_with(decoder.vae)
         if mask is not None:  # paste the original back outside the (blurred) mask, as A1111's inpainting overlay
             pixel_mask = pixel_mask.to(pixels.device)
             pixels = pixel_mask * pixels + (1 - pixel_mask) * image.to(pixels.device)
         return pixels
+
+    def _denoiser(self, unet, s: Settings, model: Pipeline | None = None) -> CFGDenoiser:
+        """x̂0 from `unet` (of `model`, default this pipeline), guided as `s` says."""
+        model = model or self
+        unet = _OneImageAtATime(unet, s.batch) if self.batch_exact else unet
+        return CFGDenoiser(unet, model.schedule, model.config.prediction_type, s_min_uncond=s.ngms,
+                           s_min_uncond_all=s.ngms_all_steps)
+
+    def refiner_pipeline(self, path) -> Pipeline:
+        """The refiner model at `path`, loaded once (for this pipeline's device and dtype) and kept for later runs.
+        Its latents must be this model's: the same VAE latent space."""
+        key = str(Path(path).resolve())
+        if key not in self._refiners:
+            import sdtorch
+
+            refiner = sdtorch.load(path, device=self.device, dtype=self.dtype, tune_allocator=self.tune_allocator)
+            if refiner.config.vae.scale_factor != self.config.vae.scale_factor:
+                raise SettingError("refiner", f"{path} is {FAMILY_NAMES[refiner.config.family]}, whose latents are "
+                                              f"not those of this {FAMILY_NAMES[self.config.family]} model")
+            self._refiners = {key: refiner}  # one refiner at a time: another replaces it
+        return self._refiners[key]
 
     def _hires_pass(self, s: Settings, latents, denoiser, sampler, common, tiled_vae) -> torch.Tensor:
         """A1111's second hires-fix pass: upscale the first pass (latents, or the decoded image), then img2img at
@@ -529,6 +581,8 @@ class Pipeline:
             "Hires upscaler": s.hires_upscaler if hires_pass else None,
             "NGMS": s.ngms if "NGMS" in s.hashes else None,
             "NGMS all steps": True if "NGMS" in s.hashes and s.ngms_all_steps else None,
+            "Refiner": s.hashes.get("Refiner"),
+            "Refiner switch at": s.refiner_switch_at if "Refiner" in s.hashes else None,
             "TI hashes": s.hashes.get("TI hashes"), "Lora hashes": s.hashes.get("Lora hashes"),
             **conditioning.size_params(s),
         }
@@ -558,7 +612,7 @@ class _OneImageAtATime:
 _SETTINGS_FIELDS = {"steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch", "clip_skip",
                     "guidance_rescale", "eta", "rng", "convention", "img2img_fix_steps", "hires_scale", "hires_resize",
                     "hires_steps", "hires_upscaler", "hires_strength", "loras", "original_size", "crop_top_left",
-                    "target_size", "ngms", "ngms_all_steps"}
+                    "target_size", "ngms", "ngms_all_steps", "refiner", "refiner_switch_at"}
 
 
 def _settings_kwargs(kwargs: dict) -> dict:

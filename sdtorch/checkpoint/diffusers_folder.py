@@ -165,6 +165,9 @@ def write_diffusers_folder(models: StableDiffusionModels, config: ModelConfig, t
                            folder: Path, dtype: torch.dtype | None = None) -> Path:
     """Write a folder diffusers' `StableDiffusionPipeline.from_pretrained` loads. Built beside the target and renamed
     into place at the end, so an interrupted write leaves nothing that looks like a model."""
+    if config.family == "sdxl_refiner":
+        raise UnsupportedModelError("writing the SDXL refiner as a diffusers folder is not supported yet; it loads "
+                                    "and runs as a single file")
     if folder.exists() and any(folder.iterdir()):
         raise ValueError(f"{folder} exists and is not empty; choose a new folder")
     tmp = folder.with_name(f".{folder.name}.partial")

@@ -59,10 +59,11 @@ def infer_config(shapes: dict[str, tuple[int, ...]], family: str, where: str) ->
     clips = [_clip(part(prefix), openclip) for prefix, openclip in text_encoder_prefixes(family)]
     pad = 0 if family == "sd2" else None
     vae = _vae(part(PREFIXES["vae"]))
-    if family == "sdxl":  # SDXL's VAE was retrained with its own latent scale; its images are 1024² by default
+    sdxl = family in ("sdxl", "sdxl_refiner")
+    if sdxl:  # SDXL's VAE was retrained with its own latent scale; its images are 1024² by default
         vae = dataclasses.replace(vae, scale_factor=0.13025)
     return ModelConfig(family=family, unet=unet, vae=vae, clip=clips[0], clip_2=clips[1] if len(clips) > 1 else None,
-                       clip_pad_token_id=pad, resolution=1024 if family == "sdxl" else 512)
+                       clip_pad_token_id=pad, resolution=1024 if sdxl else 512)
 
 
 def infer_sd1_config(shapes: dict[str, tuple[int, ...]], where: str) -> ModelConfig:

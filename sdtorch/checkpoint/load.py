@@ -40,7 +40,7 @@ IGNORED_KEYS = frozenset({
 EMA_PREFIX = "model_ema."
 # Checkpoints saved with old transformers store CLIP without its `text_model.` level
 _CLIP_WITHOUT_TEXT_MODEL = re.compile(r"^(cond_stage_model|conditioner\.embedders\.0)\.transformer\.(?!text_model\.)")
-SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 # Some converted checkpoints store the VAE's attention projections as Linear (C, C) instead of 1x1 convs (C, C, 1, 1)
 _VAE_ATTENTION_WEIGHT = re.compile(r"first_stage_model\.(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
 _PARAMETERIZATION = re.compile(r"^\s*parameterization:\s*[\"']?(\w+)", re.MULTILINE)

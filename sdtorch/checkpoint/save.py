@@ -13,7 +13,8 @@ from .load import LoadedCheckpoint, _load_checkpoint, check_dtype
 from .openclip_keys import to_openclip
 
 # Stability AI's model-metadata spec (github.com/Stability-AI/ModelSpec): lets other tools tell what a file is
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
+                 "sdxl_refiner": "stable-diffusion-xl-v1-refiner"}
 
 
 def save_checkpoint(models_or_loaded: StableDiffusionModels | LoadedCheckpoint, path: str | Path, *,

@@ -24,6 +24,7 @@ TEXT_ENCODERS = {
     "sd1": (("cond_stage_model.transformer.text_model.", False),),
     "sd2": (("cond_stage_model.model.", True),),
     "sdxl": (("conditioner.embedders.0.transformer.text_model.", False), ("conditioner.embedders.1.model.", True)),
+    "sdxl_refiner": (("conditioner.embedders.0.model.", True),),
 }
 
 

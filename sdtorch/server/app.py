@@ -200,6 +200,9 @@ def build_app(worker: Worker, checkpoints: Checkpoints, config: ServerConfig) ->
         checkpoint = (checkpoint_named(override, "override_settings.sd_model_checkpoint") if override is not None
                       else checkpoint_named(options["sd_model_checkpoint"], "sd_model_checkpoint"))
         kwargs = mapping.generation_kwargs(req, options, worker.resolution, config.max_pixels)
+        if req.refiner_checkpoint not in (None, "", "None", "none"):  # A1111's "no refiner" values
+            refiner = checkpoint_named(req.refiner_checkpoint, "refiner_checkpoint")
+            kwargs.update(refiner=str(refiner.path), refiner_switch_at=req.refiner_switch_at or 0.8)
         init = mask = None
         if kind == "img2img":
             if not req.init_images:

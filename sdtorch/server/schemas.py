@@ -44,6 +44,9 @@ class GenerationRequest(_Lenient):
     height: int | None = Field(None, gt=0)
     eta: float | None = Field(None, ge=0, le=10, allow_inf_nan=False)
     s_min_uncond: float | None = Field(None, ge=0, le=1000, allow_inf_nan=False)  # NGMS; None: the option's (0)
+    # A1111's refiner: a model title from /sdapi/v1/sd-models, and where it takes over (None: 0.8, the UI's default)
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     override_settings: dict[str, Any] = {}
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
