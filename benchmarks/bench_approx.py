@@ -1,8 +1,9 @@
 """What an approximate setting buys and costs: one txt2img generation with it against the exact one, the same seed,
-model and settings otherwise; time (the whole call) and the image's difference to the exact image.
+model and settings otherwise; time (the whole call) and the image's difference to the exact image. A mode is txt2img
+settings, or dtype=bf16/fp16: the same file loaded again to compute in that precision (sdtorch.load's dtype).
 
-    python benchmarks/bench_approx.py --mode ngms=1 --mode ngms=1,ngms_all_steps=1 [--sd15] [--size 512]
-                                      [--steps 20] [--rounds 2] [--sampler "DPM++ 2M"]
+    python benchmarks/bench_approx.py --mode ngms=1 --mode ngms=1,ngms_all_steps=1 --mode dtype=bf16 [--sd15]
+                                      [--size 512] [--steps 20] [--rounds 2] [--sampler "DPM++ 2M"]
 
 The exact generation and each mode take turns, round after round, in one process (so they see the same machine);
 one untimed warm-up of each comes first. Reported per mode: the median time ratio to exact with its min-max over
@@ -32,7 +33,7 @@ def parse_mode(text: str) -> dict:
     mode = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        mode[key] = True if key.endswith("_steps") and value == "1" else float(value)
+        mode[key] = value if key == "dtype" else True if key.endswith("_steps") and value == "1" else float(value)
     return mode
 
 
@@ -55,6 +56,8 @@ def main() -> None:
         else:
             model = sdtorch.BUILTIN_MODEL
         pipe = sdtorch.load(model, tune_allocator=True)
+        pipes = {name: sdtorch.load(model, dtype=mode.pop("dtype"), tune_allocator=True) if "dtype" in mode else pipe
+                 for name, mode in modes.items()}
         size = args.size or pipe.config.resolution
         settings = dict(steps=args.steps, sampler=args.sampler, cfg=7.0, seed=1, width=size, height=size)
         times = {name: [] for name in modes}
@@ -64,12 +67,15 @@ def main() -> None:
                 last = []
                 start = time.perf_counter()
                 keep = lambda step, total, x, sigma, last=last: last.append(x)  # noqa: E731 — the final latents
-                image = pipe.txt2img(PROMPT, **settings, **modes[name], callback=keep)[0]
+                image = pipes[name].txt2img(PROMPT, **settings, **modes[name], callback=keep)[0]
                 if round_ >= 0:
                     times[name].append(time.perf_counter() - start)
                 images[name], latents[name] = np.asarray(image, dtype=np.float64), last[-1].double()
             if round_ >= 0:
                 print(f"round {round_}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()), flush=True)
+    from machine import describe
+
+    print(describe())
     exact = statistics.median(times["exact"])
     print(f"{'SD 1.5 random' if args.sd15 else 'built-in'} {size}x{size}, {args.steps} steps {args.sampler}, CFG 7, "
           f"{args.rounds} rounds, {torch.get_num_threads()} threads; exact: median {exact:.2f} s")

@@ -493,7 +493,7 @@ def run_eval(args) -> int:
     model = args.model or BUILTIN_MODEL
     if not Path(model).exists():
         raise CLIError(f"model not found: {model}")
-    pipe = sdtorch.load(model, device=args.device, tune_allocator=True)
+    pipe = sdtorch.load(model, device=args.device, dtype=args.dtype, tune_allocator=True)
     bar = tqdm(total=args.count, file=sys.stderr, disable=args.quiet)
     result = evaluate(pipe, count=args.count, seed=args.seed if args.seed is not None else EVAL_SEED,
                       steps=args.steps, sampler=args.sampler, cfg=args.cfg,
@@ -561,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--ngms", type=float, default=0.0, metavar="SIGMA",
                    help="score with A1111's Negative Guidance minimum sigma (its quality cost)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="score the UNet in this precision (its cost)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     from .train.cli import add_train_parser

@@ -311,7 +311,8 @@ def test_describe_model_counts_each_part_and_reads_other_files_from_their_header
     assert info["sha256"] == hashlib.sha256(saved.read_bytes()).hexdigest()[:10]
     odd = marker_file(tmp_path / "odd.safetensors", ["transformer.h.0.attn.weight", "lm_head.weight"])
     assert describe_model(odd) == {"file": str(odd), "format": "safetensors", "family": "an unknown model",
-                                   "tensors": 2, "supported": "no (sdtorch loads SD 1.x, SD 2.x, SDXL models)"}
+                                   "tensors": 2,
+                                   "supported": "no (sdtorch loads SD 1.x, SD 2.x, SDXL and the SDXL refiner models)"}
 
 
 # ---------------------------------------------------------------- diffusers folders

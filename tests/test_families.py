@@ -394,15 +394,20 @@ def test_size_conditioning_is_refused_for_other_families():
         pipe.txt2img(PROMPT, steps=1, width=32, height=32, original_size=(64, 64))
 
 
-def test_sdxl_refiner_is_refused_by_name(tmp_path):
+def test_an_sdxl_refiner_is_told_by_its_keys(tmp_path):
+    """bigG alone, as embedder 0, is the refiner (tests/test_refiner.py runs it); a stub with its keys is read as one
+    and refused for what it lacks, naming the file."""
     from safetensors.torch import save_file
 
-    from sdtorch.checkpoint import UnsupportedModelError
+    from sdtorch.checkpoint import CheckpointError
+    from sdtorch.checkpoint.infer import detect_family
 
     path = tmp_path / "refiner.safetensors"
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
-               "conditioner.embedders.0.model.ln_final.weight": torch.zeros(1)}, path)
-    with pytest.raises(UnsupportedModelError, match="not supported yet: the SDXL refiner"):
+    stub = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+            "conditioner.embedders.0.model.ln_final.weight": torch.zeros(1)}
+    save_file(stub, path)
+    assert detect_family(stub) == "sdxl_refiner"
+    with pytest.raises(CheckpointError, match="refiner.safetensors"):
         load_checkpoint(path)
 
 
@@ -428,3 +433,43 @@ def test_sdxl_img2img_equals_diffusers(sdxl_file, sdxl_folder):
                  output_type="pt").images
     assert ours.shape == theirs.shape == (1, 3, 32, 48)
     assert (to_unit(ours) - theirs).abs().max() < 1e-3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_9_channel_inpainting_models_equal_diffusers(family, tmp_path):
+    """SD 2.x and SDXL inpainting models (9 input channels: latents, mask, masked image's latents) against diffusers'
+    inpainting pipelines on our folder, inside the mask (outside it sdtorch pastes the original back, as A1111 does)."""
+    import numpy as np
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+    from PIL import Image
+
+    from sdtorch.images import pil_to_tensor
+
+    base = {"sd2": TINY_SD2, "sdxl": TINY_SDXL}[family]
+    cfg = base.replace(unet=base.unet.__class__(**{**base.unet.__dict__, "in_channels": 9}))
+    path = save_checkpoint(randomize_(StableDiffusionModels(cfg), seed=13).eval(), tmp_path / "inpaint.safetensors")
+    folder = convert(path, tmp_path / "folder", to_diffusers=True)
+    loaded = load_checkpoint(path)
+    assert loaded.config.unet.in_channels == 9
+    pipe = Pipeline(loaded.models, loaded.tokenizer, loaded.config, device="cpu")
+    init = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    mask = Image.new("L", (48, 32), 0)
+    mask.paste(255, (8, 0, 32, 32))  # repaint columns 8-31
+    s = Settings(PROMPT, NEGATIVE, steps=4, cfg=5.0, sampler="Euler", seed=9, width=48, height=32, strength=0.75,
+                 convention="diffusers")
+    ours = pipe.run(s, init_image=init, mask=mask, mask_blur=0)
+    kind = {"sd2": StableDiffusionInpaintPipeline, "sdxl": StableDiffusionXLInpaintPipeline}[family]
+    ref = kind.from_pretrained(folder, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    ref.scheduler = euler(cfg.prediction_type)
+    ref.set_progress_bar_config(disable=True)
+    image = pil_to_tensor(init)
+    masked = image * (pil_to_tensor(mask.convert("RGB"))[:, :1] < 0)  # the part to repaint zeroed, as both do
+    # our posterior-mean latents for both the image and the masked image (diffusers would sample the posterior)
+    theirs = ref(PROMPT, image=pipe.encode_image(image), mask_image=mask, masked_image_latents=pipe.encode_image(
+        masked), strength=0.75, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=5.0, height=32,
+        width=48, generator=torch.Generator().manual_seed(9), output_type="pt").images
+    inside = (slice(None), slice(None), slice(None), slice(8, 32))
+    assert (to_unit(ours)[inside] - theirs[inside]).abs().max() < 1e-3
+    outside = to_unit(ours)[..., 40:]
+    assert torch.allclose(outside, (image[..., 40:] / 2 + 0.5).clamp(0, 1), atol=1e-6)  # the original, pasted back

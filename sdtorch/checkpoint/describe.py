@@ -26,7 +26,8 @@ def describe_model(path: str | Path) -> dict[str, str | int]:
         info["family"] = FAMILY_NAMES[family]
         if family not in SUPPORTED_FAMILIES:
             info["tensors"] = len(tensors)
-            info["supported"] = f"no (sdtorch loads {', '.join(FAMILY_NAMES[f] for f in SUPPORTED_FAMILIES)} models)"
+            *others, last = (FAMILY_NAMES[f] for f in SUPPORTED_FAMILIES)
+            info["supported"] = f"no (sdtorch loads {', '.join(others)} and {last} models)"
             return info
     loaded = load_checkpoint(path)
     models = loaded.models

@@ -45,6 +45,15 @@ def describe_keys(keys, limit: int = 5) -> str:
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], family: str, where: str) -> ModelConfig:
+    """`_infer_config`, where a tensor of the wrong rank or size for its name is a CheckpointError, not a crash."""
+    try:
+        return _infer_config(shapes, family, where)
+    except (ValueError, IndexError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{where}: cannot work out the model's size: a tensor's shape does not fit "
+                              f"{FAMILY_NAMES[family]} ({e})") from None
+
+
+def _infer_config(shapes: dict[str, tuple[int, ...]], family: str, where: str) -> ModelConfig:
     """Sizes of a `family` model from its tensors' shapes (OpenCLIP towers already under our names). Head counts and
     norm groups leave no trace in shapes: they take the family's values (SD 1.x: 8 UNet heads; SD 2.x/SDXL: 64-wide
     UNet heads; 64-wide CLIP heads; 32 groups); our own files carry their config instead."""
