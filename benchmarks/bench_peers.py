@@ -7,12 +7,13 @@ latents, timestep and context) in turn, round after round):
   sdtorch            exact fp32, packed weights (models/packed.py), as the pipeline's sampling loop runs it
   sdtorch-bf16       sdtorch.load(dtype="bf16"): the UNet's weights and activations in bfloat16
   diffusers          UNet2DConditionModel in fp32 from the same file, with sdtorch's allocator setting
-  openvino-f32       OpenVINO (pip's `openvino`) compiling sdtorch's UNet, INFERENCE_PRECISION_HINT f32
+  openvino-f32       OpenVINO (pip's `openvino`) compiling diffusers' UNet, INFERENCE_PRECISION_HINT f32
   openvino           the same with OpenVINO's default precision for this CPU (bf16 where the CPU has it)
 OpenVINO and diffusers are benchmark-only: a side whose package is missing is skipped. Each side's output for the
 fixed input is compared with exact sdtorch's (max |diff| / max |exact|): the precision each mode gives up.
 Reported: each side's median step, the per-round ratio to diffusers (median, min-max), and that difference. The CPU
-is printed first (benchmarks/machine.py). A benchmark, never a test.
+is printed first (benchmarks/machine.py). OpenVINO's conversion peaks at ~10 GB: on a 24 GB machine run each
+OpenVINO side in its own run beside sdtorch (--sides sdtorch,openvino-f32). A benchmark, never a test.
 """
 import argparse
 import contextlib
@@ -45,49 +46,61 @@ def load_side(side: str, path: str, size: int):
     import sdtorch
     from sdtorch import memory
 
-    memory.keep_freed_blocks()  # sdtorch's allocator setting, for every side
+    if not side.startswith("openvino"):  # (OpenVINO allocates its own; the torch model it came from must leave RAM)
+        memory.keep_freed_blocks()  # sdtorch's allocator setting, for the torch sides
     x, t, context = inputs(size)
-    if side == "diffusers":
-        from diffusers import UNet2DConditionModel
+    if side == "diffusers" or side.startswith("openvino"):
         from safetensors.torch import load_file
 
         sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
         from reference import diffusers_unet
         from sdtorch.config import SD1
 
-        unet = diffusers_unet(load_file(path), SD1)
-        assert isinstance(unet, UNet2DConditionModel)
-        return lambda: unet(x, t, encoder_hidden_states=context).sample
+        unet = diffusers_unet(load_file(path), SD1)  # diffusers' own single-file converter
+        if side == "diffusers":
+            return lambda: unet(x, t, encoder_hidden_states=context).sample
+        return openvino_unet(unet, side, (x, t, context))
     pipe = sdtorch.load(path, device="cpu", dtype="bf16" if side == "sdtorch-bf16" else None, tune_allocator=True)
-    if side.startswith("sdtorch"):
-        from sdtorch.models.packed import packed_weights
+    from sdtorch.models.packed import packed_weights
 
-        stack = contextlib.ExitStack()
-        stack.enter_context(packed_weights(pipe.unet))  # packs at the first (untimed) call; bf16 runs plain
+    stack = contextlib.ExitStack()
+    stack.enter_context(packed_weights(pipe.unet))  # packs at the first (untimed) call; bf16 runs plain
+    unet = pipe.unet
 
-        unet = pipe.unet
+    def call():
+        return unet(x, t, context).float()
+    call.packing = stack  # held as long as the side runs: a collected block would unpack
+    return call
 
-        def call():
-            return unet(x, t, context).float()
-        call.packing = stack  # held as long as the side runs: a collected block would unpack
-        return call
+
+def openvino_unet(unet, side: str, example: tuple):
+    """diffusers' UNet converted by OpenVINO (as optimum-intel exports SD 1.5; sdtorch's own CPU paths, the folded
+    upsampling and the chunked feed-forward, are not traceable), compiled for the CPU at f32 or at its default."""
     import openvino as ov
 
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, x, t, context):
+            return self.unet(x, t, encoder_hidden_states=context).sample
+
     with torch.no_grad():
-        model = ov.convert_model(pipe.unet, example_input=(x, t, context))
-    pipe = None  # the torch weights go; OpenVINO holds its own copy
+        model = ov.convert_model(Plain().eval(), example_input=example)
     config = {"INFERENCE_PRECISION_HINT": "f32"} if side == "openvino-f32" else {}
-    compiled = ov.Core().compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
-    return lambda: torch.from_numpy(request.infer([x.numpy(), t.numpy(), context.numpy()])[0].copy())
+    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+    arrays = [a.numpy() for a in example]
+    return lambda: torch.from_numpy(request.infer(arrays)[0].copy())
 
 
 def child(side: str, path: str, size: int, out: str) -> None:
     """Load, then answer each "step" line on stdin with the seconds of one UNet call; the first output goes to `out`."""
     call = load_side(side, path, size)
-    print("ready", flush=True)
     with torch.inference_mode():
-        np.save(out, call().float().numpy())  # untimed: packing, compilation caches, first-touch
+        # untimed, before "ready" (so not beside the next side's load): packing, compilation caches, first touch
+        np.save(out, call().float().numpy())
+        print("ready", flush=True)
         for line in sys.stdin:
             if line.strip() != "step":
                 break
@@ -111,7 +124,7 @@ def main() -> None:
         return
     print(describe(), flush=True)
     sides = [s for s in args.sides.split(",") if s not in NEEDS or importlib.util.find_spec(NEEDS[s])]
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp, contextlib.ExitStack() as logs:
         if args.file:
             path = Path(args.file)
         else:
@@ -121,14 +134,18 @@ def main() -> None:
         for side in sides:  # loaded one after the other, so the loads do not compete
             procs[side] = subprocess.Popen([sys.executable, __file__, "--child", side, str(path), str(args.size),
                                             str(Path(tmp) / f"{side}.npy")], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, text=True)
+                                           stdout=subprocess.PIPE, text=True,
+                                           stderr=logs.enter_context(open(Path(tmp) / f"{side}.err", "w")))
             if procs[side].stdout.readline().strip() != "ready":
                 sys.exit(f"{side} failed to load")
 
         def step(side: str) -> float:
-            procs[side].stdin.write("step\n")
-            procs[side].stdin.flush()
-            return float(procs[side].stdout.readline())
+            try:
+                procs[side].stdin.write("step\n")
+                procs[side].stdin.flush()
+                return float(procs[side].stdout.readline())
+            except (BrokenPipeError, ValueError):
+                sys.exit(f"{side} stopped: {(Path(tmp) / f'{side}.err').read_text()[-2000:]}")
 
         times = {side: [] for side in sides}
         for i in range(args.rounds):
@@ -143,7 +160,7 @@ def main() -> None:
           f"rounds")
     exact = outputs.get("sdtorch")
     for side in sides:
-        line = f"{side:>13}: median {statistics.median(times[side]):.2f} s"
+        line = f"{side}: median {statistics.median(times[side]):.2f} s"
         if "diffusers" in times:
             ratios = [a / b for a, b in zip(times[side], times["diffusers"], strict=True)]
             line += f", ratio to diffusers {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
