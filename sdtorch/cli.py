@@ -338,8 +338,10 @@ def run_generate(args) -> int:
     pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype, tune_allocator=True,
                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     pipe.batch_exact = args.exact_batch
-    if pipe.config.family not in ("sdxl", "sdxl_refiner") and any(k in s for k in ("original_size", "target_size",
-                                                                                  "crop_top_left")):
+    from .config import SDXL_FAMILIES
+
+    if pipe.config.family not in SDXL_FAMILIES and any(k in s for k in ("original_size", "target_size",
+                                                                       "crop_top_left")):
         raise CLIError(f"--original-size, --target-size and --crop-top-left condition SDXL models only; this is an "
                        f"{pipe.config.family.upper()} model")
     if init is None:

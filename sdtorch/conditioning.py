@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import SDXL_FAMILIES
 from .models.unet import timestep_embedding
 from .prompts import encode_prompt_pair
 
@@ -110,7 +111,7 @@ def encode_prompts(models, tokenizers, config, prompt: str, negative: str, clip_
     if config.family == "sd2":  # the penultimate layer, normed, whatever the clip skip (A1111's OpenCLIP hijack)
         return Conditioning(*encode_prompt_pair(towers[0], tokenizers[0], prompt, negative, clip_skip=2,
                                                 embeddings=embeddings))
-    if config.family not in ("sdxl", "sdxl_refiner"):
+    if config.family not in SDXL_FAMILIES:
         raise ValueError(f"unknown model family {config.family!r}")
     contexts, pooled = [], None
     for clip, tokenizer in zip(towers, tokenizers, strict=True):

@@ -143,5 +143,7 @@ SDXL = ModelConfig(family="sdxl", unet=SDXL_UNET, vae=VAEConfig(scale_factor=0.1
 SDXL_REFINER_UNET = UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2),
                                num_head_channels=64, transformer_depth=4, context_dim=1280,
                                use_linear_in_transformer=True, adm_in_channels=2560)
+# the families in SDXL's latent space, conditioned on its size numbers (SDXL_FAMILIES: where a check says "SDXL")
+SDXL_FAMILIES = ("sdxl", "sdxl_refiner")
 SDXL_REFINER = ModelConfig(family="sdxl_refiner", unet=SDXL_REFINER_UNET, vae=VAEConfig(scale_factor=0.13025),
                            clip=OPENCLIP_VIT_BIGG, resolution=1024)

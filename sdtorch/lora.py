@@ -47,11 +47,10 @@ from . import memory
 from .models import stored
 from .checkpoint.diffusers_keys import to_diffusers, unet_rules
 from .checkpoint.formats import detect_format, read_tensor_file
+from .checkpoint.infer import FAMILY_NAMES  # ModelConfig.family -> as messages name it
 
 NETWORK_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
 PARTS = ("unet", "text_encoder", "text_encoder_2")  # SDXL's second (bigG) tower is text_encoder_2, as diffusers
-# ModelConfig.family -> as messages name it
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "the SDXL refiner"}
 
 # suffix of a tensor name -> its role in the layer's update; longest first, so ".lora.down.weight" beats ".weight"
 _ROLES = [

@@ -20,14 +20,15 @@ from PIL import Image
 from . import conditioning, hires
 from . import images as imgs
 from . import memory
-from .config import ModelConfig
+from .config import SDXL_FAMILIES, ModelConfig
 from .diffusion.guidance import CFGDenoiser
 from .diffusion.noise import SeededNoise, resolve_rng, seed_noise  # noqa: F401 (seed_noise: public from here)
 from .diffusion.sample import CONVENTIONS, sample
 from .diffusion.samplers import SCHEDULE_LABELS, parse_sampler_name, resolve_schedule
 from .diffusion.schedule import DiscreteSchedule
 from .embeddings import EmbeddingLibrary, EmbeddingMatcher
-from .lora import FAMILY_NAMES, AppliedNetworks, find_file, read_network
+from .checkpoint.infer import FAMILY_NAMES
+from .lora import AppliedNetworks, find_file, read_network
 from .metadata import format_parameters, png_with_parameters
 from .models import StableDiffusionModels
 from .models import stored
@@ -339,8 +340,8 @@ class Pipeline:
         """(pixels, the settings they were made with): `s` resolved (size, seed; Settings.resolved) plus the hashes
         of the LoRA and embedding files used, what the images' metadata is written from."""
         s = s.resolved(self.config.resolution)
-        if self.config.family not in ("sdxl", "sdxl_refiner") and (s.original_size or s.target_size
-                                                                   or tuple(s.crop_top_left) != (0, 0)):
+        if self.config.family not in SDXL_FAMILIES and (s.original_size or s.target_size
+                                                        or tuple(s.crop_top_left) != (0, 0)):
             raise SettingError("original_size", f"(and target_size, crop_top_left) condition SDXL models only; this "
                                                 f"is an {self.config.family.upper()} model")
         with self._generation() as stop:

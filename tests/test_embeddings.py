@@ -117,7 +117,7 @@ def test_an_sdxl_embedding_gives_each_tower_its_own_vectors(tmp_path, tokenizer)
     from reference import randomize_
     from sdtorch import conditioning
     from sdtorch.models import StableDiffusionModels
-    from test_families import TINY_SDXL
+    from conftest import TINY_SDXL
 
     models = randomize_(StableDiffusionModels(TINY_SDXL), seed=5).eval()
     vecs = {"clip_l": torch.randn(2, 64), "clip_g": torch.randn(2, 128)}

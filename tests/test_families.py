@@ -7,6 +7,7 @@ converters or through folders we write, so our key rules are checked against the
 import pytest
 import torch
 
+from conftest import TINY_SDXL
 from reference import max_rel_err, randomize_
 from sdtorch.checkpoint import convert, load_checkpoint, save_checkpoint
 from sdtorch.checkpoint.infer import sd2_predicts_v
@@ -222,33 +223,7 @@ def test_info_names_the_family(sd2_file):
 
 # ---------------------------------------------------------------- SDXL
 
-# SDXL's topology at small widths: three levels, no attention at the first, 1 and 2 transformer blocks below it,
-# 64-wide heads; ViT-L (64 wide, quick GELU) and bigG (128 wide, GELU, projection) whose penultimate layers make a
-# 192-wide context; y = bigG's 128-wide pooled text + 6·256 size numbers; the VAE's scale is SDXL's
-TINY_SDXL = ModelConfig(
-    family="sdxl", resolution=1024,
-    unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_resolutions=(4, 2), num_head_channels=64,
-                    transformer_depth=(0, 1, 2), context_dim=192, use_linear_in_transformer=True,
-                    adm_in_channels=128 + 6 * 256),
-    vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, scale_factor=0.13025),
-    clip=CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1),
-    clip_2=CLIPTextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
-                          hidden_act="gelu", projection_dim=128))
-
-
-@pytest.fixture(scope="module")
-def sdxl_models():
-    return randomize_(StableDiffusionModels(TINY_SDXL), seed=7).eval()
-
-
-@pytest.fixture(scope="module")
-def sdxl_file(sdxl_models, tmp_path_factory):
-    return save_checkpoint(sdxl_models, tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors")
-
-
-@pytest.fixture(scope="module")
-def sdxl_folder(sdxl_file, tmp_path_factory):
-    return convert(sdxl_file, tmp_path_factory.mktemp("sdxldir") / "folder", to_diffusers=True)
+# TINY_SDXL and the sdxl_models / sdxl_file / sdxl_folder fixtures are conftest's (tests/test_refiner.py uses them too)
 
 
 def test_sdxl_single_file_layout_and_bare_shapes(sdxl_models, sdxl_file, sdxl_folder, tmp_path):

@@ -451,7 +451,8 @@ def test_sd2_and_sdxl_loras_merge_into_every_tower_by_the_formula(tmp_path, fami
     text_encoder_2), as W + ΔW·alpha/rank·multiplier; restoring gives the very same tensors back."""
     from reference import randomize_
     from sdtorch.models import StableDiffusionModels
-    from test_families import TINY_SD2, TINY_SDXL
+    from conftest import TINY_SDXL
+    from test_families import TINY_SD2
 
     models = randomize_(StableDiffusionModels({"sd2": TINY_SD2, "sdxl": TINY_SDXL}[family]), seed=3)
     state, deltas = family_lora(models, layout, torch.Generator().manual_seed(1))
@@ -474,7 +475,8 @@ def test_sd2_and_sdxl_loras_merge_into_every_tower_by_the_formula(tmp_path, fami
 def test_a_lora_for_another_family_is_refused_naming_both(tmp_path):
     from reference import randomize_
     from sdtorch.models import StableDiffusionModels
-    from test_families import TINY_SD2, TINY_SDXL
+    from conftest import TINY_SDXL
+    from test_families import TINY_SD2
 
     sd2 = randomize_(StableDiffusionModels(TINY_SD2), seed=3)
     sdxl = randomize_(StableDiffusionModels(TINY_SDXL), seed=3)
@@ -495,7 +497,7 @@ def test_an_sdxl_pipeline_applies_a_tagged_lora_to_both_towers_and_the_unet(tmp_
     from sdtorch.models import StableDiffusionModels
     from sdtorch.pipeline import Pipeline
     from sdtorch.tokenizer import CLIPTokenizer
-    from test_families import TINY_SDXL
+    from conftest import TINY_SDXL
 
     models = randomize_(StableDiffusionModels(TINY_SDXL), seed=3).eval()
     state, deltas = family_lora(models, "kohya", torch.Generator().manual_seed(1))

@@ -11,7 +11,7 @@ from sdtorch.metadata import parse_parameters
 from sdtorch.models import StableDiffusionModels
 from sdtorch.pipeline import Pipeline, SettingError, Settings, seed_noise
 from sdtorch.refiner import completed_ratio
-from test_families import NEGATIVE, PROMPT, TINY_SDXL, euler, to_unit
+from test_families import NEGATIVE, PROMPT, euler, to_unit
 
 # The refiner's topology at small widths: four levels, attention (2 blocks) at the middle two only, 64-wide heads, a
 # bigG-like tower (128 wide, GELU, projection) as the only text encoder; y = 128 pooled + 5·256 numbers
@@ -23,18 +23,6 @@ TINY_REFINER = ModelConfig(
     vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, scale_factor=0.13025),
     clip=CLIPTextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
                         hidden_act="gelu", projection_dim=128))
-
-
-@pytest.fixture(scope="module")
-def sdxl_file(tmp_path_factory):
-    """A tiny SDXL base (test_families' topology) for the refiner to finish."""
-    models = randomize_(StableDiffusionModels(TINY_SDXL), seed=7).eval()
-    return save_checkpoint(models, tmp_path_factory.mktemp("base") / "base.safetensors")
-
-
-@pytest.fixture(scope="module")
-def sdxl_folder(sdxl_file, tmp_path_factory):
-    return convert(sdxl_file, tmp_path_factory.mktemp("basedir") / "folder", to_diffusers=True)
 
 
 @pytest.fixture(scope="module")

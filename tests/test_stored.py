@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import TINY, tiny_models
+from conftest import TINY, TINY_SDXL, tiny_models
 from reference import randomize_
 from sdtorch.checkpoint import load_checkpoint
 from sdtorch.memory import resident_file_bytes
@@ -14,7 +14,6 @@ from sdtorch.models import StableDiffusionModels, packed
 from sdtorch.models.upsample import Upsample
 from sdtorch.pipeline import Pipeline, Settings
 from sdtorch.tokenizer import CLIPTokenizer
-from test_families import TINY_SDXL
 
 GENERATE = dict(steps=3, seed=1, width=64, height=64, sampler="Euler a")
 LINUX = sys.platform.startswith("linux")

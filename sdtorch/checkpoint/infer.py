@@ -4,7 +4,7 @@ import re
 
 import torch
 
-from ..config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+from ..config import SDXL_FAMILIES, CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from ..models.stable_diffusion import PREFIXES, text_encoder_prefixes
 from .errors import CheckpointError
 
@@ -68,7 +68,7 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], family: str, where: str) -
     clips = [_clip(part(prefix), openclip) for prefix, openclip in text_encoder_prefixes(family)]
     pad = 0 if family == "sd2" else None
     vae = _vae(part(PREFIXES["vae"]))
-    sdxl = family in ("sdxl", "sdxl_refiner")
+    sdxl = family in SDXL_FAMILIES
     if sdxl:  # SDXL's VAE was retrained with its own latent scale; its images are 1024² by default
         vae = dataclasses.replace(vae, scale_factor=0.13025)
     return ModelConfig(family=family, unet=unet, vae=vae, clip=clips[0], clip_2=clips[1] if len(clips) > 1 else None,
