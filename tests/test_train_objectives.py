@@ -280,6 +280,31 @@ def test_encoding_cache_gives_the_losses_of_fresh_encodings():
     assert len(small.latent_cache.store) == 1
 
 
+def test_train_text_encoder_gives_the_text_encoder_the_denoising_loss_gradient():
+    """Frozen (SD's way) the text encoder gets no gradient and its outputs may be cached; with train_text_encoder its
+    parameters are trainable, get the loss's gradient (equal to a finite difference along it), and nothing caches."""
+    batch = {"image": torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1,
+             "ids": CLIPTokenizer.default()(CAPTIONS[:2]), "seed": torch.tensor([1, 2])}
+    frozen = _unet_objective(cache_items=4)
+    assert not any(p.requires_grad for p in frozen.models.text_encoder.parameters())
+    models = tiny_models()
+    trained = UNetObjective(models, CLIPTokenizer.default()([""]), cache_items=4, train_text_encoder=True)
+    assert trained.text_cache is None and trained.latent_cache is not None
+    assert all(p.requires_grad for p in models.text_encoder.parameters())
+    loss = trained(batch)[0]
+    assert abs(loss.item() - frozen(batch)[0].item()) < 1e-6  # the same loss: only the gradients differ
+    loss.backward()
+    grads = {n: p.grad for n, p in models.text_encoder.named_parameters()}
+    assert all(g is not None for g in grads.values())
+    direction = {n: g / torch.cat([g.flatten() for g in grads.values()]).norm() for n, g in grads.items()}
+    slope = sum((grads[n] * d).sum() for n, d in direction.items()).item()
+    with torch.no_grad():
+        for n, p in models.text_encoder.named_parameters():
+            p += 1e-3 * direction[n]
+        ahead = trained(batch)[0].item()
+    assert abs((ahead - loss.item()) / 1e-3 - slope) < 0.05 * abs(slope)  # first order: the loss moves as predicted
+
+
 def test_unet_objective_rejects_mismatched_parts():
     bad = TINY.replace(unet=TINY.unet.__class__(**{**TINY.unet.__dict__, "context_dim": 48}))
     with pytest.raises(ValueError, match="does not fit"):

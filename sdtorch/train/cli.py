@@ -88,6 +88,10 @@ def add_train_parser(subparsers) -> None:
                 k.add_argument("--rank", type=int, default=16, help="the LoRA's rank (kohya's network_dim)")
                 k.add_argument("--alpha", type=float, default=8.0, help="its term is scaled by alpha/rank")
                 k.add_argument("--text-encoder", action="store_true", help="also train a LoRA of the text encoder")
+            else:
+                k.add_argument("--train-text-encoder", action="store_true",
+                               help="train the text encoder with the UNet on the denoising loss instead of freezing "
+                                    "it (the built-in model: binds each shape's colour to its position)")
 
 
 def _add_common(p: argparse.ArgumentParser, kind: str) -> None:
@@ -263,7 +267,7 @@ def build_objective(args) -> tuple[torch.nn.Module, Collate]:
         objective.metadata.update(kohya_metadata(args))
         return objective, collate
     objective = UNetObjective(models, empty_ids, args.min_snr_gamma, args.zero_terminal_snr, args.cache_encodings,
-                              args.latent_noise)
+                              args.latent_noise, args.train_text_encoder)
     if args.grad_checkpointing:
         unet = models.unet
         use_gradient_checkpointing([*unet.input_blocks, unet.middle_block, *unet.output_blocks])

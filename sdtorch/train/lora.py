@@ -69,19 +69,14 @@ class LoraObjective(UNetObjective):
                  text_encoder: bool = False, **kwargs):
         if rank < 1 or alpha <= 0:
             raise ValueError(f"--rank must be >= 1 and --alpha > 0, got {rank} and {alpha}")
-        super().__init__(models, empty_ids, **kwargs)
+        super().__init__(models, empty_ids, train_text_encoder=text_encoder, **kwargs)  # context() with gradients
         models.requires_grad_(False)
-        self.rank, self.alpha, self.train_text_encoder = rank, alpha, text_encoder
-        if text_encoder:
-            self.text_cache = None  # its outputs change as it learns
+        self.rank, self.alpha = rank, alpha
         self.lora = nn.ModuleDict()
         for key, layer in kohya_targets(models, text_encoder).items():
             self.lora[key] = LoraLayer(layer, rank, alpha)
             layer.register_forward_hook(self.lora[key].hook)
         self.metadata: dict[str, str] = {}  # kohya's ss_* entries the trainer knows (see train/cli.py)
-
-    def context(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.models.text_encoder(ids) if self.train_text_encoder else super().context(ids)
 
     def state_dict(self, *args, **kwargs) -> dict:
         return {"lora." + k: v for k, v in self.lora.state_dict().items()}

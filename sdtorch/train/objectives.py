@@ -325,10 +325,15 @@ def use_gradient_checkpointing(blocks: Iterable[nn.Module]) -> None:
 
 class UNetObjective(nn.Module):
     """Denoising loss on VAE latents (Ho et al. 2020, Algorithm 1; v-prediction: Salimans & Ho 2022), conditioned on
-    a frozen CLIP text encoder, with a uniformly random timestep per sample and optional min-SNR-γ weighting."""
+    a CLIP text encoder, with a uniformly random timestep per sample and optional min-SNR-γ weighting.
+
+    The text encoder is frozen as in SD, unless `train_text_encoder`: then the denoising loss trains it too (as
+    DreamBooth's --train_text_encoder does), so its token states learn what the UNet needs from them; a CLIP trained
+    only contrastively on the pooled caption leaves each position word's state without its own shape's colour."""
 
     def __init__(self, models: StableDiffusionModels, empty_ids: torch.Tensor, min_snr_gamma: float | None = None,
-                 zero_terminal_snr: bool = False, cache_items: int = 0, latent_noise: float = 1.0):
+                 zero_terminal_snr: bool = False, cache_items: int = 0, latent_noise: float = 1.0,
+                 train_text_encoder: bool = False):
         super().__init__()
         cfg = models.config
         if cfg.unet.in_channels != cfg.vae.embed_dim or cfg.unet.context_dim != cfg.clip.hidden_size:
@@ -340,7 +345,8 @@ class UNetObjective(nn.Module):
             raise ValueError(f"latent_noise must be non-negative, got {latent_noise}")
         self.models, self.latent_noise = models, latent_noise  # latent_noise: as the VAE was trained (VAEObjective)
         models.vae.requires_grad_(False)
-        models.text_encoder.requires_grad_(False)
+        models.text_encoder.requires_grad_(train_text_encoder)
+        self.train_text_encoder = train_text_encoder
         self.schedule = DiscreteSchedule.scaled_linear(zero_terminal_snr=zero_terminal_snr)
         self.prediction_type, self.min_snr_gamma = cfg.prediction_type, min_snr_gamma
         self.empty_ids = empty_ids  # (1, L) ids of "", the unconditional prompt for guided previews (not a weight)
@@ -348,7 +354,8 @@ class UNetObjective(nn.Module):
         self.latent_cache = self.text_cache = None
         if cache_items:
             self.latent_cache = EncodingCache(functools.partial(posterior_moments, models.vae), cache_items)
-            self.text_cache = EncodingCache(lambda ids: (self.models.text_encoder(ids),), cache_items)
+            if not train_text_encoder:  # a trained encoder's outputs change every step
+                self.text_cache = EncodingCache(lambda ids: (self.models.text_encoder(ids),), cache_items)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         images, device = batch["image"], batch["image"].device
@@ -373,10 +380,12 @@ class UNetObjective(nn.Module):
         loss = per_sample.mean()
         return loss, {"loss": loss.detach()}
 
-    @torch.no_grad()
     def context(self, ids: torch.Tensor) -> torch.Tensor:
-        """The frozen text encoder's output for token ids (a LoRA trainer that trains it overrides this)."""
-        return self.text_cache(ids)[0] if self.text_cache else self.models.text_encoder(ids)
+        """The text encoder's output for token ids; with gradients only when it (or a LoRA of it) is trained."""
+        if self.train_text_encoder:
+            return self.models.text_encoder(ids)
+        with torch.no_grad():
+            return self.text_cache(ids)[0] if self.text_cache else self.models.text_encoder(ids)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict]) -> dict:
