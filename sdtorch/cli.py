@@ -81,6 +81,7 @@ def add_generate(sub) -> None:
     p.add_argument("--clip-skip", type=int)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    add_weights_option(p)
     p.add_argument("-o", "--output", default="outputs", help="a .png file, or a folder for numbered files")
     p.add_argument("--from", dest="from_png", metavar="IMAGE.png",
                    help="regenerate from the parameters stored in a PNG; other options override them")
@@ -94,6 +95,11 @@ def add_generate(sub) -> None:
 
 
 DEFAULT_MAX_PIXELS = 2048 * 2048
+
+
+def add_weights_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", choices=["q8"], help="q8: every layer weight in int8 with block scales, a quarter of "
+                                                     "fp32's memory (approximate; see docs/performance.md)")
 
 
 def height_width(text: str) -> tuple[int, int]:
@@ -336,7 +342,7 @@ def run_generate(args) -> int:
     from .pipeline import GenerationInterrupted
 
     pipe = sdtorch.load(model, vae=args.vae, device=args.device, dtype=args.dtype, tune_allocator=True,
-                        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+                        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, weights=args.weights)
     pipe.batch_exact = args.exact_batch
     from .config import SDXL_FAMILIES
 
@@ -495,7 +501,7 @@ def run_eval(args) -> int:
     model = args.model or BUILTIN_MODEL
     if not Path(model).exists():
         raise CLIError(f"model not found: {model}")
-    pipe = sdtorch.load(model, device=args.device, dtype=args.dtype, tune_allocator=True)
+    pipe = sdtorch.load(model, device=args.device, dtype=args.dtype, tune_allocator=True, weights=args.weights)
     bar = tqdm(total=args.count, file=sys.stderr, disable=args.quiet)
     result = evaluate(pipe, count=args.count, seed=args.seed if args.seed is not None else EVAL_SEED,
                       steps=args.steps, sampler=args.sampler, cfg=args.cfg,
@@ -564,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngms", type=float, default=0.0, metavar="SIGMA",
                    help="score with A1111's Negative Guidance minimum sigma (its quality cost)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="score the UNet in this precision (its cost)")
+    add_weights_option(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     from .train.cli import add_train_parser

@@ -348,8 +348,9 @@ def apply_networks(models, networks: list[tuple[Network, float, float]],
             weight = module.weight
             if module in originals and weight.dtype == torch.float32:
                 work = weight.detach()  # already a merged tensor of ours: updated in place
-            else:
-                work = weight.detach().to(torch.float32, copy=True)
+            else:  # a copy in fp32 (a q8 weight's dequantized values)
+                work = stored.weight_of(module, torch.float32).detach()
+                work = work.clone() if work.data_ptr() == weight.data_ptr() else work
             update.add_to(work, multiplier)
             if module not in originals:
                 originals[module] = weight

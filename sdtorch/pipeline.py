@@ -78,8 +78,9 @@ def warn_if_cpu_lacks(dtype: torch.dtype) -> None:
 
 def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move `model` to compute in `dtype` on `device`. In fp32 on the CPU, layer weights a file stores in half
-    precision stay as stored, memory-mapped, and are cast per call or packed per loop (models/stored.py)."""
-    if device.type == "cpu" and dtype == torch.float32:
+    precision stay as stored, memory-mapped, and are cast per call or packed per loop (models/stored.py); q8 weights
+    stay int8 on any device and dtype, dequantized per call."""
+    if (device.type == "cpu" and dtype == torch.float32) or stored.is_quantized(model):
         stored.compute_in(model.to(device), dtype)
     else:
         stored.cast_all(model, device, dtype)
@@ -200,6 +201,8 @@ class SettingError(ValueError):
 
 class Pipeline:
     """A loaded Stable Diffusion model, ready to make images. Build it with `sdtorch.load(path)`."""
+
+    weights: str | None = None  # "q8" when sdtorch.load quantized the models (a refiner is then loaded the same way)
 
     def __init__(self, models: StableDiffusionModels, tokenizer, config: ModelConfig, *, name: str = "",
                  model_hash=None, device="auto", dtype=None, offload: bool = False,
@@ -460,7 +463,8 @@ class Pipeline:
         if key not in self._refiners:
             import sdtorch
 
-            refiner = sdtorch.load(path, device=self.device, dtype=self.dtype, tune_allocator=self.tune_allocator)
+            refiner = sdtorch.load(path, device=self.device, dtype=self.dtype, tune_allocator=self.tune_allocator,
+                                   weights=self.weights)
             if refiner.config.vae.scale_factor != self.config.vae.scale_factor:
                 raise SettingError("refiner", f"{path} is {FAMILY_NAMES[refiner.config.family]}, whose latents are "
                                               f"not those of this {FAMILY_NAMES[self.config.family]} model")

@@ -6,6 +6,7 @@ import torch
 
 from ..config import ModelConfig
 from ..models.stable_diffusion import StableDiffusionModels, text_encoder_prefixes
+from ..models.stored import is_quantized
 from ..tokenizer import CLIPTokenizer
 from .diffusers_folder import write_diffusers_folder
 from .formats import cpu_tensor, write_safetensors
@@ -72,11 +73,17 @@ def convert(in_path: str | Path, out_path: str | Path, *, dtype: torch.dtype | N
 def _unpack(models_or_loaded) -> tuple[StableDiffusionModels, ModelConfig, CLIPTokenizer, dict[str, str]]:
     if isinstance(models_or_loaded, LoadedCheckpoint):
         loaded = models_or_loaded
-        return loaded.models, loaded.config, loaded.tokenizer, loaded.metadata
-    if isinstance(models_or_loaded, StableDiffusionModels):
+        unpacked = loaded.models, loaded.config, loaded.tokenizer, loaded.metadata
+    elif isinstance(models_or_loaded, StableDiffusionModels):
         cfg = models_or_loaded.config
-        return models_or_loaded, cfg, CLIPTokenizer.default(pad_token_id=cfg.clip_pad_token_id), {}
-    raise ValueError(f"expected StableDiffusionModels or a LoadedCheckpoint, got {type(models_or_loaded).__name__}")
+        unpacked = models_or_loaded, cfg, CLIPTokenizer.default(pad_token_id=cfg.clip_pad_token_id), {}
+    else:
+        raise ValueError(f"expected StableDiffusionModels or a LoadedCheckpoint, got "
+                         f"{type(models_or_loaded).__name__}")
+    if is_quantized(unpacked[0]):
+        raise ValueError("a model loaded with weights q8 holds rounded int8 weights, which no checkpoint format "
+                         "here stores: write the file it was loaded from instead")
+    return unpacked
 
 
 def _check_config(config: ModelConfig | None, models: StableDiffusionModels) -> ModelConfig | None:

@@ -87,7 +87,7 @@ class _PackedForward:
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """The weight, in fp32, in oneDNN's layout for inputs like x (an opaque oneDNN tensor)."""
-        weight = self.layer.weight.to(torch.float32)  # a stored fp16 weight: its exact cast
+        weight = stored.weight_of(self.layer, torch.float32)  # a stored fp16 weight: its exact cast
         if isinstance(self.layer, nn.Linear):
             return torch.ops.mkldnn._reorder_linear_weight(weight, x.numel() // x.shape[-1])
         return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), *self.conv_args, list(x.shape))
@@ -97,6 +97,8 @@ def _packable(layer: nn.Module) -> bool:
     if not isinstance(layer, (nn.Linear, nn.Conv2d)):
         return False
     if stored.compute_dtype(layer) != torch.float32 or layer.weight.device.type != "cpu":
+        return False
+    if layer.weight.dtype == torch.int8:  # q8: a pack would be a full fp32 copy, what the mode exists to avoid
         return False
     # oneDNN's convolution pads with zeros only, and takes explicit padding (not "same"/"valid")
     return isinstance(layer, nn.Linear) or (layer.padding_mode == "zeros" and not isinstance(layer.padding, str))

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .stored import weight_of
+
 
 # ROWS[a][p][r] = 1 when row r of the 3x3 kernel lands on row p of phase a's 2x2 kernel: (r0, r1+r2), (r0+r1, r2)
 ROWS = torch.tensor([[[1.0, 0, 0], [0, 1, 1]], [[1.0, 1, 0], [0, 0, 1]]])
@@ -44,7 +46,7 @@ def phase_kernels(weight: torch.Tensor, dtype: torch.dtype | None = None) -> tor
 def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(interpolate(x, scale_factor=2, mode="nearest")) for a 3x3, padding-1 `conv`; keeps x's memory format."""
     b, _, h, w = x.shape
-    kernels = phase_kernels(conv.weight, x.dtype)  # (x's: an fp16 weight kept as stored computes in fp32)
+    kernels = phase_kernels(weight_of(conv, torch.float32), x.dtype)  # x's dtype: a stored fp16 or q8 weight's too
     padded = F.pad(x, (1, 1, 1, 1))
     nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     out_channels = conv.out_channels

@@ -24,6 +24,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--cors-allow-origins", help="comma-separated origins allowed by CORS (default: CORS off)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    from ..cli import add_weights_option
+
+    add_weights_option(p)
 
 
 def run_serve(args) -> int:
@@ -62,12 +65,13 @@ def run_serve(args) -> int:
 
     if args.device in ("auto", "cpu"):
         memory.keep_freed_blocks()  # before any thread starts: a thread keeps the malloc arena of its first malloc
-    worker = Worker(device=args.device, dtype=args.dtype, max_queue=args.max_queue)
+    worker = Worker(device=args.device, dtype=args.dtype, max_queue=args.max_queue, weights=args.weights)
     worker.load(first)
     flags = {"api": True, "nowebui": False, "listen": not _loopback(host), "server_name": host, "port": args.port,
              "ckpt": str(first.path), "ckpt_dir": args.models_dir, "data_dir": str(Path.cwd()),
              "api_auth": "***" if args.api_auth else None, "cors_allow_origins": args.cors_allow_origins,
-             "device": args.device, "dtype": args.dtype, "max_queue": args.max_queue, "max_pixels": args.max_pixels}
+             "device": args.device, "dtype": args.dtype, "weights": args.weights, "max_queue": args.max_queue,
+             "max_pixels": args.max_pixels}
     config = ServerConfig(models_dir=args.models_dir, outdir=args.outdir, max_pixels=args.max_pixels,
                           api_auth=args.api_auth, cors_allow_origins=args.cors_allow_origins, flags=flags)
     app = build_app(worker, checkpoints, config)

@@ -91,8 +91,8 @@ class Progress:
 
 
 class Worker:
-    def __init__(self, *, device="auto", dtype=None, max_queue: int = 16):
-        self.device, self.dtype = device, dtype
+    def __init__(self, *, device="auto", dtype=None, max_queue: int = 16, weights: str | None = None):
+        self.device, self.dtype, self.weights = device, dtype, weights
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.progress = Progress()
         self.pipe = None
@@ -128,7 +128,8 @@ class Worker:
         self.pipe = self.previewer = self.checkpoint = None
         gc.collect()  # one model in memory at a time
         # the server owns its process, as the command line does: glibc may keep freed blocks (sdtorch.memory)
-        pipe = sdtorch.load(checkpoint.path, device=self.device, dtype=self.dtype, tune_allocator=True)
+        pipe = sdtorch.load(checkpoint.path, device=self.device, dtype=self.dtype, tune_allocator=True,
+                            weights=self.weights)
         checkpoint.hash = pipe.model_hash
         self.pipe, self.checkpoint, self.previewer = pipe, checkpoint, Previewer(pipe)
         self.resolution = pipe.config.resolution
