@@ -21,7 +21,8 @@ def load(path, *, vae=None, device="auto", dtype=None, ema: bool = False, predic
     sdtorch.memory.keep_freed_blocks): the command line turns it on, a library caller decides.
     lora_dir/embeddings_dir: where prompts' <lora:NAME:W> tags and embedding names are looked up (default: A1111's
     layout, models/Lora and embeddings/ beside a models/Stable-diffusion folder, else under the current folder).
-    weights="q8": the low-memory mode, every Linear and Conv2d weight in int8 with block scales (models/stored.py)."""
+    weights="q8": the low-memory mode, every Linear and Conv2d weight in int8 with block scales (models/stored.py);
+    a file written by `convert(..., weights="q8")` loads as q8 without it."""
     import torch
 
     from .checkpoint import load_checkpoint
@@ -32,17 +33,19 @@ def load(path, *, vae=None, device="auto", dtype=None, ema: bool = False, predic
     if weights not in (None, "q8"):
         raise ValueError(f"weights must be None (as the file stores them) or 'q8', got {weights!r}")
     # computing in fp32 on the CPU, an fp16 file's layer weights stay as stored (models/stored.py); q8 reads each
-    # layer as stored and rounds it to int8, so the full-precision model is never resident
+    # layer as stored, in fp32 terms, and rounds it to int8, so the full-precision model is never resident
     device, dtype = resolve_device(device), resolve_dtype(dtype)
-    loaded = load_checkpoint(path, vae=vae, device="cpu", dtype=dtype, ema=ema, prediction_type=prediction_type,
+    loaded = load_checkpoint(path, vae=vae, device="cpu", dtype=torch.float32 if weights == "q8" else dtype, ema=ema,
+                             prediction_type=prediction_type,
                              stored_layers=weights == "q8" or (device.type == "cpu" and dtype in (None, torch.float32)))
     if weights == "q8":
-        stored.compute_in(stored.quantize_q8(loaded.models), dtype or torch.float32)
+        stored.quantize_q8(loaded.models)  # the Pipeline then places each model in its dtype (pipeline._place)
     pipe = Pipeline(loaded.models, loaded.tokenizer, loaded.config, name=loaded.name,
                     model_hash=lambda: loaded.sha256_short, device=device, dtype=dtype or torch.float32,
                     offload=offload, tune_allocator=tune_allocator, lora_dir=lora_dir or default_dirs(path)[0],
                     embeddings_dir=embeddings_dir or default_dirs(path)[1])
-    pipe.weights = weights  # a refiner it loads is read the same way
+    # a q8 file is q8 unasked; a refiner this pipeline loads is read the same way
+    pipe.weights = "q8" if stored.is_quantized(loaded.models) else None
     return pipe
 
 

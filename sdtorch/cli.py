@@ -470,7 +470,10 @@ def run_convert(args) -> int:
         raise CLIError(f"{out} is a folder: name the output file (or pass --diffusers to write a folder)")
     from .pipeline import resolve_dtype
 
-    convert(args.input, args.output, dtype=resolve_dtype(args.dtype), vae=args.vae, to_diffusers=args.diffusers)
+    if args.weights and args.diffusers:
+        raise CLIError("--weights q8 writes a .safetensors: a diffusers folder holds no int8 weights")
+    convert(args.input, args.output, dtype=resolve_dtype(args.dtype), vae=args.vae, to_diffusers=args.diffusers,
+            weights=args.weights)
     print(f"wrote {args.output}")
     return 0
 
@@ -553,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--vae", help="bake this VAE into the output")
     p.add_argument("--diffusers", action="store_true", help="write a diffusers folder")
+    p.add_argument("--weights", choices=["q8"], help="q8: write the low-memory mode's int8 weights (about 1.1 GB for "
+                                                     "SD 1.5), which then load memory-mapped, as --weights q8 runs")
     p = sub.add_parser("dataset", help="write a procedural captioned dataset")
     p.add_argument("name", choices=["shapes"])
     p.add_argument("out")

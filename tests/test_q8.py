@@ -1,5 +1,6 @@
 """The low-memory mode: weights="q8" stores every Linear and Conv2d weight in int8 with fp16 block scales
-(models/stored.py) and computes exactly the model those rounded weights describe."""
+(models/stored.py) and computes exactly the model those rounded weights describe; `convert --weights q8` writes them
+to a file that loads as they are."""
 import pytest
 import torch
 from torch import nn
@@ -73,17 +74,60 @@ def test_a_q8_pipeline_computes_exactly_the_model_of_its_dequantized_weights(mod
 
 
 @torch.no_grad()
-def test_q8_holds_a_quarter_of_the_layer_bytes_and_cannot_be_saved(model_file, tmp_path):
+def test_q8_holds_a_quarter_of_the_layer_bytes(model_file):
     import sdtorch
 
     full, q8 = sdtorch.load(model_file, device="cpu"), sdtorch.load(model_file, device="cpu", weights="q8")
     full_bytes = sum(m.weight.nbytes for m in layers(full.models))
     q8_bytes = sum(m.weight.nbytes + m.weight_scale.nbytes for m in layers(q8.models))
     assert q8_bytes < 0.3 * full_bytes  # 1 byte per weight + 2 per 32 weights (the first conv: per channel)
-    with pytest.raises(ValueError, match="q8"):
-        sdtorch.save(q8, tmp_path / "out.safetensors")
     with pytest.raises(ValueError, match="weights"):
         sdtorch.load(model_file, device="cpu", weights="q4")
+
+
+@torch.no_grad()
+def test_a_q8_file_loads_memory_mapped_as_the_same_q8_model(model_file, tmp_path):
+    """`convert --weights q8` writes the int8 weights and their scales; loading that file needs no --weights, reads
+    them as written (no quantizing again) and makes the image the on-the-fly q8 mode makes, bit for bit."""
+    import sdtorch
+    from sdtorch.cli import main
+
+    out = tmp_path / "q8.safetensors"
+    assert main(["convert", str(model_file), str(out), "--weights", "q8"]) == 0
+    on_the_fly, from_file = sdtorch.load(model_file, device="cpu", weights="q8"), sdtorch.load(out, device="cpu")
+    # each layer weight: 1 byte and 2 per block of 32 instead of 4 (embeddings, norms and biases stay as they were)
+    layer_weights = sum(m.weight.numel() for m in layers(from_file.models))
+    assert model_file.stat().st_size - out.stat().st_size > (3 - 2 / 32) * layer_weights * 0.99
+    assert from_file.weights == "q8" and all(m.weight.dtype == torch.int8 for m in layers(from_file.models))
+    for a, b in zip(layers(on_the_fly.models), layers(from_file.models), strict=True):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.weight_scale, b.weight_scale)
+    settings = Settings("a red circle", **GENERATE)
+    assert torch.equal(on_the_fly.run(settings), from_file.run(settings))
+    # and again through save: a q8 pipeline writes the same tensors
+    again = sdtorch.save(from_file, tmp_path / "again.safetensors")
+    assert torch.equal(sdtorch.load(again, device="cpu").run(settings), from_file.run(settings))
+    from sdtorch.checkpoint import save_diffusers
+    with pytest.raises(ValueError, match="int8"):
+        save_diffusers(from_file.models, tmp_path / "folder")
+
+
+def test_a_q8_file_with_a_scale_for_no_weight_or_an_unscaled_int8_weight_is_refused(model_file, tmp_path):
+    import sdtorch
+    from safetensors.torch import load_file, save_file
+    from sdtorch.checkpoint import CheckpointError
+
+    out = tmp_path / "q8.safetensors"
+    sdtorch.save(sdtorch.load(model_file, device="cpu", weights="q8"), out)
+    tensors = load_file(out)
+    key = next(k for k in tensors if k.endswith(".weight_scale"))
+    stray = dict(tensors, **{"nothing.weight_scale": tensors[key].clone()})
+    save_file(stray, tmp_path / "stray.safetensors")
+    with pytest.raises(CheckpointError, match="q8 scales for no weight"):
+        sdtorch.load(tmp_path / "stray.safetensors", device="cpu")
+    unscaled = {k: t for k, t in tensors.items() if k != key}
+    save_file(unscaled, tmp_path / "unscaled.safetensors")
+    with pytest.raises(CheckpointError, match="int8"):
+        sdtorch.load(tmp_path / "unscaled.safetensors", device="cpu")
 
 
 @torch.no_grad()
@@ -129,3 +173,17 @@ def test_generate_and_eval_take_weights_q8(tmp_path, model_file):
                  "-o", str(out), "--quiet", "--seed", "1"]) == 0
     assert out.stat().st_size > 0
     assert main(["eval", "shapes", "--weights", "q8", "--count", "2", "--steps", "2", "--quiet"]) == 0
+
+
+@torch.no_grad()
+def test_an_sdxl_q8_file_keeps_its_openclip_tower_under_our_names_and_loads_back(sdxl_file, tmp_path):
+    """OpenCLIP's fused q/k/v weight would need its scales fused too: a q8 file keeps our per-projection names."""
+    import sdtorch
+    from sdtorch.checkpoint import convert, read_tensor_index
+
+    out = convert(sdxl_file, tmp_path / "sdxl-q8.safetensors", weights="q8")
+    keys, _ = read_tensor_index(out)
+    assert not any("in_proj_weight" in k for k in keys) and any(k.endswith("q_proj.weight_scale") for k in keys)
+    on_the_fly, from_file = sdtorch.load(sdxl_file, device="cpu", weights="q8"), sdtorch.load(out, device="cpu")
+    settings = Settings("a red circle", steps=2, seed=1, width=64, height=64, sampler="Euler")
+    assert torch.equal(on_the_fly.run(settings), from_file.run(settings))

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig, VAEConfig
 from ..diffusion.schedule import PREDICTION_TYPES
-from ..models.stored import compute_in
+from ..models.stored import assign_q8, compute_in
 from ..models.stable_diffusion import PREFIXES, StableDiffusionModels, text_encoder_prefixes
 from ..tokenizer import CLIPTokenizer
 from .diffusers_folder import WEIGHT_NAMES, part_from_diffusers, read_diffusers_folder, read_part_weights
@@ -93,11 +93,15 @@ def _load_checkpoint(path, *, vae, device, dtype: torch.dtype | None, ema: bool,
     fmt = detect_format(path)
     with ExitStack() as files:
         metadata, tokenizer = {}, None
+        scales = {}
         if fmt == "diffusers-folder":
             folder = read_diffusers_folder(path, files, prefer_fp16=dtype == torch.float16)
             tensors, found, tokenizer = folder.tensors, folder.config, folder.tokenizer
         else:
             tensors, metadata = read_tensor_file(path, fmt, files)
+            # a q8 file (`convert --weights q8`): int8 layer weights, each with its block scales under KEY_scale
+            scales = {k.removesuffix("_scale"): tensors.pop(k) for k in [k for k in tensors
+                                                                          if k.endswith(".weight_scale")]}
             tensors = {_CLIP_WITHOUT_TEXT_MODEL.sub(r"\1.transformer.text_model.", k, count=1): ref
                        for k, ref in tensors.items()}
             family = _check_family(tensors, path)
@@ -113,14 +117,21 @@ def _load_checkpoint(path, *, vae, device, dtype: torch.dtype | None, ema: bool,
         if vae is not None:
             vae_tensors = read_vae(Path(vae), cfg.vae, files)
             tensors = {k: ref for k, ref in tensors.items() if not k.startswith(PREFIXES["vae"])} | vae_tensors
+            scales = {k: ref for k, ref in scales.items() if not k.startswith(PREFIXES["vae"])}
             where += f" with VAE {vae}"
         models = build_on_meta(cfg)
         expected = {k: tuple(t.shape) for k, t in models.state_dict().items()}
         tensors = _select_unet_weights(tensors, expected, ema, where)
-        tensors = _check_keys_and_shapes(tensors, expected, where)
-        # tensor by tensor, cast while reading
+        stray = [k for k in scales if k not in tensors]
+        if stray:
+            raise CorruptCheckpointError(f"{where}: q8 scales for no weight of the model: {name_some(stray)}")
+        tensors = _check_keys_and_shapes(tensors, expected, where, quantized=scales.keys())
+        # tensor by tensor, cast while reading (int8 q8 weights never are)
         state = {k: ref.load(None if stored_layers else dtype, device) for k, ref in tensors.items()}
-    models.load_state_dict(state, strict=True, assign=True)
+        for key, scale in scales.items():
+            layer = models.get_submodule(key.removesuffix(".weight"))
+            assign_q8(layer, state.pop(key), scale.load(torch.float16, device))
+    models.load_state_dict(state, strict=not scales, assign=True)  # (q8 layers are assigned: the rest is checked)
     if stored_layers:
         compute_in(models, dtype)
     left = [n for n, t in chain(models.named_parameters(), models.named_buffers()) if t.is_meta]
@@ -257,8 +268,9 @@ def _select_unet_weights(tensors: dict[str, TensorRef], expected: dict, ema: boo
 
 
 def _check_keys_and_shapes(tensors: dict[str, TensorRef], expected: dict[str, tuple[int, ...]],
-                           where: str) -> dict[str, TensorRef]:
-    """Every model key present once with its shape, or a KeyMismatchError / ShapeMismatchError naming them."""
+                           where: str, quantized=frozenset()) -> dict[str, TensorRef]:
+    """Every model key present once with its shape, or a KeyMismatchError / ShapeMismatchError naming them. Keys in
+    `quantized` (layer weights given with q8 scales) must be int8, every other one a float."""
     tensors = {k: ref for k, ref in tensors.items() if k not in IGNORED_KEYS}
     missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
     if missing or unexpected:
@@ -268,7 +280,10 @@ def _check_keys_and_shapes(tensors: dict[str, TensorRef], expected: dict[str, tu
     wrong = []
     for key, ref in tensors.items():
         want = expected[key]
-        if not ref.dtype.is_floating_point:  # every SD weight is a float: an integer one would be cast from garbage
+        if key in quantized:
+            if ref.dtype != torch.int8:
+                raise CorruptCheckpointError(f"{where}: {key} has q8 scales but is stored as {ref.dtype}, not int8")
+        elif not ref.dtype.is_floating_point:  # an SD weight is a float: an integer one would be cast from garbage
             raise CorruptCheckpointError(f"{where}: {key} is stored as {ref.dtype}, not as a floating-point weight")
         if ref.shape != want:
             if _VAE_ATTENTION_WEIGHT.fullmatch(key) and ref.shape + (1, 1) == want:

@@ -6,7 +6,7 @@ import torch
 
 from ..config import ModelConfig
 from ..models.stable_diffusion import StableDiffusionModels, text_encoder_prefixes
-from ..models.stored import is_quantized
+from ..models.stored import is_quantized, q8_scales, quantize_q8
 from ..tokenizer import CLIPTokenizer
 from .diffusers_folder import write_diffusers_folder
 from .formats import cpu_tensor, write_safetensors
@@ -42,9 +42,13 @@ def save_checkpoint(models_or_loaded: StableDiffusionModels | LoadedCheckpoint, 
               "modelspec.prediction_type": "v" if cfg.prediction_type == "v_prediction" else "epsilon",
               "sdtorch.config": json.dumps(cfg.to_dict())}
     tensors = {k: cpu_tensor(t, dtype) for k, t in models.state_dict().items()}
-    for prefix, openclip in text_encoder_prefixes(cfg.family):
-        if openclip:  # SD 2.x/SDXL files hold their OpenCLIP towers under OpenCLIP's names
-            tensors = to_openclip(tensors, prefix)
+    if is_quantized(models):  # a q8 file: each int8 weight's scales beside it; the text encoders keep our key names
+        tensors |= {k: cpu_tensor(t, None) for k, t in q8_scales(models).items()}
+        header["sdtorch.weights"] = "q8"
+    else:
+        for prefix, openclip in text_encoder_prefixes(cfg.family):
+            if openclip:  # SD 2.x/SDXL files hold their OpenCLIP towers under OpenCLIP's names
+                tensors = to_openclip(tensors, prefix)
     write_safetensors(tensors, path, header)
     return path
 
@@ -56,15 +60,23 @@ def save_diffusers(models_or_loaded: StableDiffusionModels | LoadedCheckpoint, f
     models, cfg, tokenizer, _ = _unpack(models_or_loaded)
     cfg = _check_config(config, models) or cfg
     check_dtype(dtype)
+    if is_quantized(models):
+        raise ValueError("a diffusers folder holds no int8 weights: write a q8 model as a .safetensors")
     return write_diffusers_folder(models, cfg, tokenizer, Path(folder), dtype)
 
 
 def convert(in_path: str | Path, out_path: str | Path, *, dtype: torch.dtype | None = None,
-            vae: str | Path | None = None, to_diffusers: bool = False, ema: bool = False) -> Path:
+            vae: str | Path | None = None, to_diffusers: bool = False, ema: bool = False,
+            weights: str | None = None) -> Path:
     """Any checkpoint load_checkpoint reads -> a .safetensors (or, `to_diffusers`, a diffusers folder). dtype None
-    keeps every tensor's stored dtype, so a plain conversion changes no bit; torch.float16 is a plain cast."""
+    keeps every tensor's stored dtype, so a plain conversion changes no bit; torch.float16 is a plain cast.
+    weights="q8": a q8 file (models/stored.py), which loads memory-mapped and without quantizing again."""
     check_dtype(dtype)
+    if weights not in (None, "q8"):
+        raise ValueError(f"weights must be None or 'q8', got {weights!r}")
     loaded = _load_checkpoint(in_path, vae=vae, device=None, dtype=dtype, ema=ema, prediction_type=None, config=None)
+    if weights == "q8":
+        quantize_q8(loaded.models)
     if to_diffusers:
         return save_diffusers(loaded, out_path)
     return save_checkpoint(loaded, out_path)
@@ -80,9 +92,6 @@ def _unpack(models_or_loaded) -> tuple[StableDiffusionModels, ModelConfig, CLIPT
     else:
         raise ValueError(f"expected StableDiffusionModels or a LoadedCheckpoint, got "
                          f"{type(models_or_loaded).__name__}")
-    if is_quantized(unpacked[0]):
-        raise ValueError("a model loaded with weights q8 holds rounded int8 weights, which no checkpoint format "
-                         "here stores: write the file it was loaded from instead")
     return unpacked
 
 

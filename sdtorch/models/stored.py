@@ -22,6 +22,7 @@ from .. import memory
 HALF = (torch.float16, torch.bfloat16)
 Q8_BLOCK = 32  # inputs per scale, as ggml's q8_0; a layer whose input count (I·kh·kw) it does not divide gets one
                # scale per output channel (the first conv's 4·3·3 inputs)
+Q8_CHUNK = 1 << 18  # weights quantized at a time (1 MB in fp32)
 
 
 class CastingForward:
@@ -45,7 +46,8 @@ def weight_of(layer: nn.Linear | nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
     if weight.dtype != torch.int8:
         return weight.to(dtype)
     blocks = layer.weight_scale.shape[1]  # (O, blocks, 1) scales of (O, blocks, block) int8 values
-    dequantized = torch.mul(weight.view(weight.shape[0], blocks, -1), layer.weight_scale.float())  # int8 x fp32
+    # int8 -> fp32 then × scale, both exact in fp32 (8 + 11 significant bits); two vectorised passes beat one mixed one
+    dequantized = weight.view(weight.shape[0], blocks, -1).to(torch.float32).mul_(layer.weight_scale.float())
     return dequantized.view(weight.shape).to(dtype)
 
 
@@ -59,14 +61,35 @@ def quantize_q8(model: nn.Module) -> nn.Module:
         original = module.weight.detach()
         count = original[0].numel()
         block = Q8_BLOCK if count % Q8_BLOCK == 0 else count
-        w = original.float().reshape(original.shape[0], count // block, block)
-        scale = (w.abs().amax(dim=2, keepdim=True) / 127).half()  # stored in fp16, as ggml's q8_0
-        safe = scale.float().masked_fill(scale == 0, 1)  # an all-zero block: q = 0 whatever its scale
-        q = torch.round(w / safe).clamp_(-127, 127).to(torch.int8)
-        module._parameters["weight"] = nn.Parameter(q.view(original.shape), requires_grad=False)
-        module.register_buffer("weight_scale", scale, persistent=False)
+        rows = original.reshape(-1, block)  # one block per row
+        q = torch.empty(rows.shape, dtype=torch.int8)
+        scale = torch.empty(len(rows), 1, dtype=torch.float16)
+        step = max(1, Q8_CHUNK // block)
+        for i in range(0, len(rows), step):  # a chunk at a time, so that the fp32 temporaries stay in the cache
+            w = rows[i:i + step].to(torch.float32, copy=True)
+            s = scale[i:i + step]
+            s.copy_(torch.linalg.vector_norm(w, float("inf"), dim=1, keepdim=True) / 127)  # max|w| / 127, in fp16
+            w.div_(s.float().masked_fill_(s == 0, 1))  # an all-zero block: q = 0 whatever its scale
+            q[i:i + step] = w.round_().clamp_(-127, 127)  # round to nearest, cast to int8 by the copy
+        assign_q8(module, q.view(original.shape), scale.view(original.shape[0], -1, 1))
         memory.release([original])
     return model
+
+
+def assign_q8(layer: nn.Linear | nn.Conv2d, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """Make `layer` hold the q8 weight `q` (int8, the layer's weight shape) with its (O, blocks, 1) block scales."""
+    if q.dtype != torch.int8 or q.shape != layer.weight.shape or scale.dim() != 3 or scale.shape[0] != q.shape[0] \
+            or scale.shape[2] != 1 or q[0].numel() % scale.shape[1]:
+        raise ValueError(f"a q8 weight is int8 of the layer's shape {tuple(layer.weight.shape)} with (O, blocks, 1) "
+                         f"scales, got {q.dtype} {tuple(q.shape)} and {tuple(scale.shape)}")
+    layer._parameters["weight"] = nn.Parameter(q, requires_grad=False)
+    layer.register_buffer("weight_scale", scale, persistent=False)
+
+
+def q8_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The block scales of `model`'s q8 layers, by the state-dict key a q8 file stores them under."""
+    return {f"{name}.weight_scale": m.weight_scale for name, m in model.named_modules()
+            if _layer(m) and m.weight.dtype == torch.int8}
 
 
 def is_quantized(model: nn.Module) -> bool:
