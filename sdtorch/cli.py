@@ -28,7 +28,7 @@ class CLIError(Exception):
 SETTING_OPTIONS = ("prompt", "negative", "steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch",
                    "strength", "clip_skip", "rng", "hires_scale", "hires_steps", "hires_upscaler", "hires_strength",
                    "ngms", "ngms_all_steps", "original_size", "target_size", "crop_top_left", "refiner",
-                   "refiner_switch_at")
+                   "refiner_switch_at", "token_merging_ratio", "token_merging_ratio_hr")
 HIRES_KEYS = ("hires_scale", "hires_resize", "hires_steps", "hires_upscaler", "hires_strength")
 
 
@@ -57,6 +57,11 @@ def add_generate(sub) -> None:
                    "prompt's pass (faster, approximate; 0 = off)")
     p.add_argument("--ngms-all-steps", action="store_const", const=True,
                    help="with --ngms: skip it at every step below the sigma, not every other one")
+    p.add_argument("--token-merging-ratio", type=float, metavar="R",
+                   help="A1111's Token merging ratio: merge this share of the tokens before each full-resolution "
+                   "self-attention (ToMe; faster, approximate; 0 = off)")
+    p.add_argument("--token-merging-ratio-hr", type=float, metavar="R",
+                   help="the hires pass's token merging ratio (default: --token-merging-ratio)")
     p.add_argument("--original-size", type=height_width, metavar="WxH",
                    help="SDXL's size conditioning: the size the picture had before cropping (default: the image's)")
     p.add_argument("--target-size", type=height_width, metavar="WxH",
@@ -508,7 +513,8 @@ def run_eval(args) -> int:
     bar = tqdm(total=args.count, file=sys.stderr, disable=args.quiet)
     result = evaluate(pipe, count=args.count, seed=args.seed if args.seed is not None else EVAL_SEED,
                       steps=args.steps, sampler=args.sampler, cfg=args.cfg,
-                      progress=lambda done, total: bar.update(1), ngms=args.ngms)
+                      progress=lambda done, total: bar.update(1), ngms=args.ngms,
+                      token_merging_ratio=args.token_merging_ratio)
     bar.close()
     print(format_table(result))
     return 0
@@ -574,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--ngms", type=float, default=0.0, metavar="SIGMA",
                    help="score with A1111's Negative Guidance minimum sigma (its quality cost)")
+    p.add_argument("--token-merging-ratio", type=float, default=0.0, metavar="R",
+                   help="score with A1111's token merging at this ratio (its quality cost)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="score the UNet in this precision (its cost)")
     add_weights_option(p)
     p.add_argument("--device", default="auto")

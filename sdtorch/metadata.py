@@ -39,6 +39,8 @@ _KWARG_NAMES = {
     "Hires upscaler": ("hires_upscaler", str),
     "NGMS": ("ngms", float),
     "NGMS all steps": ("ngms_all_steps", lambda v: v == "True"),
+    "Token merging ratio": ("token_merging_ratio", float),
+    "Token merging ratio hr": ("token_merging_ratio_hr", float),
     "Refiner": ("refiner_title", str),  # "name [hash]": which model, not where it is (the CLI asks for its path)
     "Refiner switch at": ("refiner_switch_at", float),
 }
@@ -131,7 +133,8 @@ def params_to_kwargs(params: dict[str, str]) -> dict:
     Size "WxH" -> width, height, Clip skip -> clip_skip, Denoising strength -> strength, Model hash -> model_hash,
     Model -> model, RNG -> rng, Hires upscale -> hires_scale, Hires resize "WxH" -> hires_resize,
     Hires steps -> hires_steps, Hires upscaler -> hires_upscaler, NGMS -> ngms, NGMS all steps -> ngms_all_steps,
-    Refiner -> refiner_title, Refiner switch at -> refiner_switch_at,
+    Refiner -> refiner_title, Refiner switch at -> refiner_switch_at, Token merging ratio (hr) ->
+    token_merging_ratio(_hr),
     SDXL's Original size / Target size "WxH" -> original_size / target_size (h, w), Crop "top,left" ->
     crop_top_left. Only keys present in params appear in the result.
     """

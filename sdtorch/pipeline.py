@@ -33,6 +33,7 @@ from .metadata import format_parameters, png_with_parameters
 from .models import StableDiffusionModels
 from .models import stored
 from .models.packed import packed_weights
+from .models.token_merging import token_merging
 from .prompts import extract_lora_tags
 from .refiner import Handover
 from .tiling import decode_tiled, encode_tiled
@@ -124,6 +125,10 @@ class Settings:
     # with ngms_all_steps): faster, approximate (guidance.CFGDenoiser); 0 = off
     ngms: float = 0.0
     ngms_all_steps: bool = False
+    # A1111's "Token merging ratio": the share of tokens merged before each full-resolution self-attention (ToMe,
+    # models/token_merging.py): faster, approximate; 0 = off. The hires pass uses token_merging_ratio_hr if set.
+    token_merging_ratio: float = 0.0
+    token_merging_ratio_hr: float = 0.0
     loras: dict | None = None  # {name or path: w, or {"unet": w, "te": w}}: written into the prompt as <lora:...> tags
     # SDXL's size conditioning (Podell et al. 2023, sec. 2.2), as diffusers names them: original_size and
     # target_size (height, width), None = the image's; crop_top_left (top, left)
@@ -173,6 +178,10 @@ class Settings:
             raise SettingError("hires_steps", f"must be at least 0, got {self.hires_steps}")
         if not isinstance(self.ngms, (int, float)) or not math.isfinite(self.ngms) or self.ngms < 0:
             raise SettingError("ngms", f"must be a σ of at least 0 (0 = off), got {self.ngms}")
+        for name in ("token_merging_ratio", "token_merging_ratio_hr"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise SettingError(name, f"must be in [0, 1) (0 = off), got {v}")
         if not isinstance(self.refiner_switch_at, (int, float)) or not 0 < self.refiner_switch_at <= 1:
             raise SettingError("refiner_switch_at", f"must be in (0, 1], got {self.refiner_switch_at}")
         if self.refiner is not None and self.hires:
@@ -424,11 +433,13 @@ class Pipeline:
                         loop.enter_context(packed_weights(refiner.unet))
                 denoiser = Handover(denoiser, self._denoiser(refiner.unet, s, refiner), refiner_args, self.schedule,
                                     s.refiner_switch_at, hand_over)
-            latents = sample(denoiser, sampler, s.steps, self.schedule, SeededNoise(s.seed, s.batch, s.rng),
-                             (channels, h, w), init_latent=x0_latent, strength=s.strength, latent_mask=latent_mask,
-                             img2img_fix_steps=s.img2img_fix_steps, **common)
+            with token_merging(self.unet, s.token_merging_ratio):
+                latents = sample(denoiser, sampler, s.steps, self.schedule, SeededNoise(s.seed, s.batch, s.rng),
+                                 (channels, h, w), init_latent=x0_latent, strength=s.strength,
+                                 latent_mask=latent_mask, img2img_fix_steps=s.img2img_fix_steps, **common)
             if s.hires and init_image is None:
-                latents = self._hires_pass(s, latents, denoiser, sampler, common, tiled_vae)
+                with token_merging(self.unet, s.token_merging_ratio_hr or s.token_merging_ratio):  # as A1111
+                    latents = self._hires_pass(s, latents, denoiser, sampler, common, tiled_vae)
         if denoiser.skipped_uncond:
             s.hashes["NGMS"] = str(s.ngms)
         self._done_with(self.unet)
@@ -586,6 +597,9 @@ class Pipeline:
             "Hires upscaler": s.hires_upscaler if hires_pass else None,
             "NGMS": s.ngms if "NGMS" in s.hashes else None,
             "NGMS all steps": True if "NGMS" in s.hashes and s.ngms_all_steps else None,
+            "Token merging ratio": s.token_merging_ratio or None,
+            "Token merging ratio hr": (s.token_merging_ratio_hr or s.token_merging_ratio or None) if hires_pass
+            else None,
             "Refiner": s.hashes.get("Refiner"),
             "Refiner switch at": s.refiner_switch_at if "Refiner" in s.hashes else None,
             "TI hashes": s.hashes.get("TI hashes"), "Lora hashes": s.hashes.get("Lora hashes"),
@@ -617,7 +631,8 @@ class _OneImageAtATime:
 _SETTINGS_FIELDS = {"steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch", "clip_skip",
                     "guidance_rescale", "eta", "rng", "convention", "img2img_fix_steps", "hires_scale", "hires_resize",
                     "hires_steps", "hires_upscaler", "hires_strength", "loras", "original_size", "crop_top_left",
-                    "target_size", "ngms", "ngms_all_steps", "refiner", "refiner_switch_at"}
+                    "target_size", "ngms", "ngms_all_steps", "refiner", "refiner_switch_at", "token_merging_ratio",
+                    "token_merging_ratio_hr"}
 
 
 def _settings_kwargs(kwargs: dict) -> dict:

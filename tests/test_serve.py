@@ -179,6 +179,11 @@ def test_clip_skip_override_reaches_the_pipeline(api):
     assert "Clip skip: 2" in result.info["infotexts"][0] and result.info["clip_skip"] == 2
 
 
+def test_token_merging_ratio_override_reaches_the_pipeline(api):
+    result = api.txt2img(prompt=PROMPT, seed=5, override_settings={"token_merging_ratio": 0.5}, **SETTINGS)
+    assert "Token merging ratio: 0.5" in result.info["infotexts"][0]
+
+
 def test_progress_preview_and_interrupt_while_a_job_runs(api):
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(api.txt2img, prompt=PROMPT, seed=1, steps=1000, width=64, height=64)
@@ -354,6 +359,8 @@ MALFORMED = [
      AUTH, 404, "sd_model_checkpoint"),
     ("clip skip 99", "txt2img", {**GOOD, "override_settings": {"CLIP_stop_at_last_layers": 99}}, AUTH, 422,
      "CLIP_stop_at_last_layers"),
+    ("token merging ratio 1.5", "txt2img", {**GOOD, "override_settings": {"token_merging_ratio": 1.5}}, AUTH, 422,
+     "token_merging_ratio"),
     ("body is not JSON", "txt2img", b"{prompt: x", AUTH, 422, "json"),
     ("body is a JSON list", "txt2img", [GOOD], AUTH, 422, "body"),
     ("body over the limit", "txt2img", {**GOOD, "padding": "x" * 2_000_000}, AUTH, 413, "larger"),

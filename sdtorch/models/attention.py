@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .token_merging import bipartite_merge
+
 _explicit = False  # set by explicit_attention(); module-wide, like PyTorch's own backend switches
 
 
@@ -119,8 +121,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
+        self.merge_ratio = 0.0  # token merging of the self-attention (token_merging.py; needs the grid's size)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.merge_ratio and size is not None:
+            merge, unmerge = bipartite_merge(x, *size, self.merge_ratio)
+            x = x + unmerge(self.attn1(merge(self.norm1(x))))
+        else:
+            x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))

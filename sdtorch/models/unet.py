@@ -55,9 +55,10 @@ class ResBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Transformer over the H·W positions of a feature map, cross-attending to the text context."""
 
-    def __init__(self, cfg: UNetConfig, channels: int, depth: int):
+    def __init__(self, cfg: UNetConfig, channels: int, depth: int, downsample: int = 1):
         super().__init__()
         heads, dim_head = cfg.heads_and_dim(channels)
+        self.downsample = downsample  # the latent's size / this level's (token merging acts where it is 1)
         self.linear = cfg.use_linear_in_transformer
         self.position_embedding = cfg.position_embedding
         self.norm = GroupNorm32(cfg.norm_groups, channels, eps=1e-6)
@@ -78,7 +79,7 @@ class SpatialTransformer(nn.Module):
         if self.position_embedding:
             tokens = tokens + position_embedding_2d(h, w, c, tokens.device).to(tokens.dtype)
         for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+            tokens = block(tokens, context, (h, w))
         if self.linear:
             tokens = self.proj_out(tokens)
         tokens = tokens.transpose(1, 2).reshape(b, c, h, w)  # (B, H·W, C) -> (B, C, H, W)
@@ -132,7 +133,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(cfg, ch, emb_ch, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(SpatialTransformer(cfg, ch, cfg.depth(level)))
+                    layers.append(SpatialTransformer(cfg, ch, cfg.depth(level), ds))
                 self.input_blocks.append(TimestepEmbedSequential(layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -141,7 +142,8 @@ class UNet(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            [ResBlock(cfg, ch, emb_ch, ch), SpatialTransformer(cfg, ch, cfg.depth()), ResBlock(cfg, ch, emb_ch, ch)])
+            [ResBlock(cfg, ch, emb_ch, ch), SpatialTransformer(cfg, ch, cfg.depth(), ds),
+             ResBlock(cfg, ch, emb_ch, ch)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -149,7 +151,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(cfg, ch + skip_channels.pop(), emb_ch, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(SpatialTransformer(cfg, ch, cfg.depth(level)))
+                    layers.append(SpatialTransformer(cfg, ch, cfg.depth(level), ds))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2

@@ -77,6 +77,12 @@ def generation_kwargs(req, options: dict, resolution: int, max_pixels: int) -> d
         if not isinstance(ngms, (int, float)) or isinstance(ngms, bool) or not 0 <= ngms <= 1000:
             raise FieldError("override_settings.s_min_uncond", f"must be a number in 0..1000, got {ngms!r}")
         kwargs.update(ngms=float(ngms), ngms_all_steps=overrides.get("s_min_uncond_all") is True)
+    for option in ("token_merging_ratio", "token_merging_ratio_hr"):  # A1111's options of those names
+        ratio = overrides.get(option, 0.0)
+        if ratio:
+            if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
+                raise FieldError(f"override_settings.{option}", f"must be a number in [0, 1), got {ratio!r}")
+            kwargs[option] = float(ratio)
     if hasattr(req, "init_images"):
         kwargs.update(strength=req.denoising_strength, resize_mode=req.resize_mode)
         if req.mask:
