@@ -6,6 +6,9 @@ Sides (each its own process, loaded one after the other, then asked for one UNet
 latents, timestep and context) in turn, round after round):
   sdtorch            exact fp32, packed weights (models/packed.py), as the pipeline's sampling loop runs it
   sdtorch-bf16       sdtorch.load(dtype="bf16"): the UNet's weights and activations in bfloat16
+  sdtorch-q8         sdtorch.load(weights="q8"): int8 weights with block scales, dequantized per layer, fp32 compute
+  sdtorch-q8-bf16    q8 weights, bf16 compute
+  sdtorch-tome       exact fp32 with A1111's token merging at ratio 0.5 (models/token_merging.py)
   diffusers          UNet2DConditionModel in fp32 from the same file, with sdtorch's allocator setting
   openvino-f32       OpenVINO (pip's `openvino`) compiling diffusers' UNet, INFERENCE_PRECISION_HINT f32
   openvino           the same with OpenVINO's default precision for this CPU (bf16 where the CPU has it)
@@ -31,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe  # noqa: E402
 
-SIDES = ("sdtorch", "sdtorch-bf16", "diffusers", "openvino-f32", "openvino")
+SIDES = ("sdtorch", "sdtorch-bf16", "diffusers", "openvino-f32", "openvino")  # the default; more above
 NEEDS = {"diffusers": "diffusers", "openvino-f32": "openvino", "openvino": "openvino"}
 
 
@@ -60,11 +63,14 @@ def load_side(side: str, path: str, size: int):
         if side == "diffusers":
             return lambda: unet(x, t, encoder_hidden_states=context).sample
         return openvino_unet(unet, side, (x, t, context))
-    pipe = sdtorch.load(path, device="cpu", dtype="bf16" if side == "sdtorch-bf16" else None, tune_allocator=True)
+    pipe = sdtorch.load(path, device="cpu", dtype="bf16" if side.endswith("-bf16") else None, tune_allocator=True,
+                        weights="q8" if side.startswith("sdtorch-q8") else None)
     from sdtorch.models.packed import packed_weights
+    from sdtorch.models.token_merging import token_merging
 
     stack = contextlib.ExitStack()
-    stack.enter_context(packed_weights(pipe.unet))  # packs at the first (untimed) call; bf16 runs plain
+    stack.enter_context(packed_weights(pipe.unet))  # packs at the first (untimed) call; bf16 and q8 run plain
+    stack.enter_context(token_merging(pipe.unet, 0.5 if side == "sdtorch-tome" else 0.0))
     unet = pipe.unet
 
     def call():
