@@ -179,9 +179,15 @@ def test_clip_skip_override_reaches_the_pipeline(api):
     assert "Clip skip: 2" in result.info["infotexts"][0] and result.info["clip_skip"] == 2
 
 
-def test_token_merging_ratio_override_reaches_the_pipeline(api):
+def test_token_merging_ratio_override_and_option_reach_the_pipeline(api):
     result = api.txt2img(prompt=PROMPT, seed=5, override_settings={"token_merging_ratio": 0.5}, **SETTINGS)
     assert "Token merging ratio: 0.5" in result.info["infotexts"][0]
+    api.set_options({"token_merging_ratio": 0.3})
+    try:
+        assert "Token merging ratio: 0.3" in api.txt2img(prompt=PROMPT, seed=5, **SETTINGS).info["infotexts"][0]
+    finally:
+        api.set_options({"token_merging_ratio": 0.0})
+    assert "Token merging" not in api.txt2img(prompt=PROMPT, seed=5, **SETTINGS).info["infotexts"][0]
 
 
 def test_progress_preview_and_interrupt_while_a_job_runs(api):

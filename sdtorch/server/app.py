@@ -137,7 +137,8 @@ def build_app(worker: Worker, checkpoints: Checkpoints, config: ServerConfig) ->
     options: dict[str, Any] = {"sd_model_checkpoint": worker.checkpoint.title, "CLIP_stop_at_last_layers": 1,
                                "sd_vae": "Automatic", "samples_format": "png", "outdir_samples": config.outdir,
                                "live_previews_enable": True, "show_progress_every_n_steps": 1,
-                               "s_min_uncond": 0.0, "s_min_uncond_all": False}
+                               "s_min_uncond": 0.0, "s_min_uncond_all": False, "token_merging_ratio": 0.0,
+                               "token_merging_ratio_hr": 0.0}
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
