@@ -11,6 +11,8 @@ __all__ = ["load", "save", "Pipeline", "BUILTIN_MODEL"]
 
 # the small model this project trained from scratch on procedural shapes (scripts/train_builtin.sh)
 BUILTIN_MODEL = Path(__file__).parent / "data" / "builtin.safetensors"
+# `weights=` of load and convert besides None (as the file stores them): q8, the low-memory mode (models/stored.py)
+WEIGHT_MODES = ("q8",)
 
 
 def load(path, *, vae=None, device="auto", dtype=None, ema: bool = False, prediction_type: str | None = None,
@@ -26,12 +28,10 @@ def load(path, *, vae=None, device="auto", dtype=None, ema: bool = False, predic
     import torch
 
     from .checkpoint import load_checkpoint
+    from .models import stored
     from .pipeline import Pipeline, resolve_device, resolve_dtype
 
-    from .models import stored
-
-    if weights not in (None, "q8"):
-        raise ValueError(f"weights must be None (as the file stores them) or 'q8', got {weights!r}")
+    stored.check_weights(weights)
     # computing in fp32 on the CPU, an fp16 file's layer weights stay as stored (models/stored.py); q8 reads each
     # layer as stored, in fp32 terms, and rounds it to int8, so the full-precision model is never resident
     device, dtype = resolve_device(device), resolve_dtype(dtype)
@@ -40,13 +40,10 @@ def load(path, *, vae=None, device="auto", dtype=None, ema: bool = False, predic
                              stored_layers=weights == "q8" or (device.type == "cpu" and dtype in (None, torch.float32)))
     if weights == "q8":
         stored.quantize_q8(loaded.models)  # the Pipeline then places each model in its dtype (pipeline._place)
-    pipe = Pipeline(loaded.models, loaded.tokenizer, loaded.config, name=loaded.name,
+    return Pipeline(loaded.models, loaded.tokenizer, loaded.config, name=loaded.name,
                     model_hash=lambda: loaded.sha256_short, device=device, dtype=dtype or torch.float32,
                     offload=offload, tune_allocator=tune_allocator, lora_dir=lora_dir or default_dirs(path)[0],
                     embeddings_dir=embeddings_dir or default_dirs(path)[1])
-    # a q8 file is q8 unasked; a refiner this pipeline loads is read the same way
-    pipe.weights = "q8" if stored.is_quantized(loaded.models) else None
-    return pipe
 
 
 def default_dirs(model_path) -> tuple[Path, Path]:

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import BUILTIN_MODEL
+from . import BUILTIN_MODEL, WEIGHT_MODES
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -103,8 +103,9 @@ DEFAULT_MAX_PIXELS = 2048 * 2048
 
 
 def add_weights_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", choices=["q8"], help="q8: every layer weight in int8 with block scales, a quarter of "
-                                                     "fp32's memory (approximate; see docs/performance.md)")
+    p.add_argument("--weights", choices=WEIGHT_MODES,
+                   help="q8: every layer weight in int8 with block scales, a quarter of fp32's memory (approximate; "
+                   "see docs/performance.md)")
 
 
 def height_width(text: str) -> tuple[int, int]:
@@ -562,8 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--vae", help="bake this VAE into the output")
     p.add_argument("--diffusers", action="store_true", help="write a diffusers folder")
-    p.add_argument("--weights", choices=["q8"], help="q8: write the low-memory mode's int8 weights (about 1.1 GB for "
-                                                     "SD 1.5), which then load memory-mapped, as --weights q8 runs")
+    p.add_argument("--weights", choices=WEIGHT_MODES,
+                   help="q8: write the low-memory mode's int8 weights (about 1.1 GB for SD 1.5), which then load "
+                   "memory-mapped, as --weights q8 runs")
     p = sub.add_parser("dataset", help="write a procedural captioned dataset")
     p.add_argument("name", choices=["shapes"])
     p.add_argument("out")

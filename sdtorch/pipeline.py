@@ -211,8 +211,6 @@ class SettingError(ValueError):
 class Pipeline:
     """A loaded Stable Diffusion model, ready to make images. Build it with `sdtorch.load(path)`."""
 
-    weights: str | None = None  # "q8" when sdtorch.load quantized the models (a refiner is then loaded the same way)
-
     def __init__(self, models: StableDiffusionModels, tokenizer, config: ModelConfig, *, name: str = "",
                  model_hash=None, device="auto", dtype=None, offload: bool = False,
                  release_idle_weights: bool = True, tune_allocator: bool = False, lora_dir=None,
@@ -266,6 +264,12 @@ class Pipeline:
         """A phase is over: its model's memory-mapped weights may leave RAM until the next generation needs them."""
         if self.release_idle_weights:
             memory.release(p.data for p in model.parameters())
+
+    @property
+    def weights(self) -> str | None:
+        """"q8" when the models hold q8 weights (`weights="q8"`, or a q8 file), else None; a refiner this pipeline
+        loads is read the same way."""
+        return "q8" if stored.is_quantized(self.models) else None
 
     @property
     def unet(self):

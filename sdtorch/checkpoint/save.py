@@ -6,7 +6,7 @@ import torch
 
 from ..config import ModelConfig
 from ..models.stable_diffusion import StableDiffusionModels, text_encoder_prefixes
-from ..models.stored import is_quantized, q8_scales, quantize_q8
+from ..models.stored import check_weights, is_quantized, q8_scales, quantize_q8
 from ..tokenizer import CLIPTokenizer
 from .diffusers_folder import write_diffusers_folder
 from .formats import cpu_tensor, write_safetensors
@@ -72,8 +72,7 @@ def convert(in_path: str | Path, out_path: str | Path, *, dtype: torch.dtype | N
     keeps every tensor's stored dtype, so a plain conversion changes no bit; torch.float16 is a plain cast.
     weights="q8": a q8 file (models/stored.py), which loads memory-mapped and without quantizing again."""
     check_dtype(dtype)
-    if weights not in (None, "q8"):
-        raise ValueError(f"weights must be None or 'q8', got {weights!r}")
+    check_weights(weights)
     loaded = _load_checkpoint(in_path, vae=vae, device=None, dtype=dtype, ema=ema, prediction_type=None, config=None)
     if weights == "q8":
         quantize_q8(loaded.models)

@@ -98,7 +98,7 @@ def _packable(layer: nn.Module) -> bool:
         return False
     if stored.compute_dtype(layer) != torch.float32 or layer.weight.device.type != "cpu":
         return False
-    if layer.weight.dtype == torch.int8:  # q8: a pack would be a full fp32 copy, what the mode exists to avoid
+    if stored.is_q8_layer(layer):  # q8: a pack would be a full fp32 copy, what the mode exists to avoid
         return False
     # oneDNN's convolution pads with zeros only, and takes explicit padding (not "same"/"valid")
     return isinstance(layer, nn.Linear) or (layer.padding_mode == "zeros" and not isinstance(layer.padding, str))

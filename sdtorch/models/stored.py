@@ -17,12 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import memory
+from .. import WEIGHT_MODES, memory
 
 HALF = (torch.float16, torch.bfloat16)
 Q8_BLOCK = 32  # inputs per scale, as ggml's q8_0; a layer whose input count (I·kh·kw) it does not divide gets one
                # scale per output channel (the first conv's 4·3·3 inputs)
 Q8_CHUNK = 1 << 18  # weights quantized at a time (1 MB in fp32)
+
+
+def check_weights(weights: str | None) -> None:
+    if weights is not None and weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be None (as the file stores them) or one of {WEIGHT_MODES}, got {weights!r}")
 
 
 class CastingForward:
@@ -88,20 +93,24 @@ def assign_q8(layer: nn.Linear | nn.Conv2d, q: torch.Tensor, scale: torch.Tensor
 
 def q8_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """The block scales of `model`'s q8 layers, by the state-dict key a q8 file stores them under."""
-    return {f"{name}.weight_scale": m.weight_scale for name, m in model.named_modules()
-            if _layer(m) and m.weight.dtype == torch.int8}
+    return {f"{name}.weight_scale": m.weight_scale for name, m in model.named_modules() if is_q8_layer(m)}
 
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether any layer of `model` holds a q8 weight."""
-    return any(_layer(m) and m.weight.dtype == torch.int8 for m in model.modules())
+    return any(is_q8_layer(m) for m in model.modules())
+
+
+def is_q8_layer(module: nn.Module) -> bool:
+    """Whether `module` is a Linear or Conv2d holding a q8 (int8) weight."""
+    return _layer(module) and module.weight.dtype == torch.int8
 
 
 def compute_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Make `model` compute in `dtype` (on its device), keeping Linear and Conv2d weights stored in half precision or
     q8 as they are (cast or dequantized per call, see the module's text); every other tensor is cast. Idempotent."""
     for module in model.modules():
-        quantized = _layer(module) and module.weight.dtype == torch.int8
+        quantized = is_q8_layer(module)
         keep = quantized or (_layer(module) and module.weight.dtype in HALF and dtype not in HALF)
         for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
             if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
