@@ -99,11 +99,11 @@ def _load_checkpoint(path, *, vae, device, dtype: torch.dtype | None, ema: bool,
             tensors, found, tokenizer = folder.tensors, folder.config, folder.tokenizer
         else:
             tensors, metadata = read_tensor_file(path, fmt, files)
+            tensors = {_CLIP_WITHOUT_TEXT_MODEL.sub(r"\1.transformer.text_model.", k, count=1): ref
+                       for k, ref in tensors.items()}
             # a q8 file (`convert --weights q8`): int8 layer weights, each with its block scales under KEY_scale
             scales = {k.removesuffix("_scale"): tensors.pop(k) for k in [k for k in tensors
                                                                           if k.endswith(".weight_scale")]}
-            tensors = {_CLIP_WITHOUT_TEXT_MODEL.sub(r"\1.transformer.text_model.", k, count=1): ref
-                       for k, ref in tensors.items()}
             family = _check_family(tensors, path)
             for prefix, openclip in text_encoder_prefixes(family):
                 if openclip:
