@@ -1,7 +1,7 @@
 """One SD 1.5-size generation, sdtorch against diffusers on the same machine, weights and settings.
 
     python benchmarks/bench_pipeline.py [--steps 20] [--size 512] [--device cpu|cuda] [--dtype fp32|fp16]
-                                        [--sides ours,ours-q8,ours-q8file,ours-q8-bf16,diffusers]
+                                        [--sides ours,ours-q8,ours-q8file,ours-q8-bf16,ours-deepcache,diffusers]
 
 Random SD 1.5 weights are written once as a single-file .safetensors; each side then runs in a fresh subprocess:
 load the file (ours: `sdtorch.load`; diffusers: `StableDiffusionPipeline.from_single_file`, offline config), encode
@@ -9,7 +9,8 @@ the prompt, sample `--steps` Euler steps with CFG 7 (batch 2 through the UNet), 
 encoding, the median UNet step (with CFG), VAE decode, the whole generation, and peak RSS (VmHWM minus the RSS after
 imports, so the load counts) — each as ours / diffusers. Sides beyond `ours` (sdtorch at --dtype) and `diffusers`
 are sdtorch's approximate CPU modes: `ours-q8` (weights="q8"), `ours-q8-bf16` (q8 weights, bf16 compute), `ours-bf16`,
-`ours-q8file` / `ours-q8file-bf16` (a file `convert --weights q8` wrote, memory-mapped, whose idle phases leave RAM);
+`ours-q8file` / `ours-q8file-bf16` (a file `convert --weights q8` wrote, memory-mapped, whose idle phases leave RAM),
+`ours-deepcache` (DeepCache, interval 3, depth 0: its partial steps are short, so compare the mean step);
 each image's difference to diffusers' is its quality cost (ours and diffusers agree to ~1e-4). Never a test.
 """
 import argparse
@@ -105,8 +106,10 @@ def child(side: str, path: str, config_dir: str, steps: int, size: int, device: 
                 return out
 
             pipe.decode_latents = timed_decode
+            cache = {"deep_cache_interval": 3} if side == "ours-deepcache" else {}
             pipe.run(Settings(PROMPT, NEGATIVE, steps=steps, cfg=7.0, sampler="Euler", seed=0, width=size,
-                              height=size), callback=lambda *a: (sync(device), stamps.append(time.perf_counter())))
+                              height=size, **cache),
+                     callback=lambda *a: (sync(device), stamps.append(time.perf_counter())))
             decode_s, image = decode_s[0], decoded[0]
         else:
             latents = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.0,
@@ -125,6 +128,7 @@ def child(side: str, path: str, config_dir: str, steps: int, size: int, device: 
     step_times = [b - a for a, b in zip([start] + stamps[:-1], stamps, strict=True)][1:]
     peak = (rss_kib("VmHWM") - baseline) * 1024
     out = {"load_s": load_s, "encode_s": statistics.median(encode_times), "step_s": statistics.median(step_times),
+           "mean_step_s": statistics.mean(step_times),
            "first_step_s": stamps[0] - start,
            "decode_s": decode_s, "total_s": total_s, "peak_bytes": peak}
     if device == "cuda":
@@ -176,6 +180,7 @@ def main() -> None:
     print(f"{'':<26}" + "".join(f"{s:>14}" for s in sides) + ("".join(f"{s + '/diff.':>18}" for s in ours)
                                                                if theirs else ""))
     rows = [("text encoding (s)", "encode_s", 1), ("UNet step with CFG (s)", "step_s", 1),
+            ("UNet step, mean (s)", "mean_step_s", 1),
             ("VAE decode (s)", "decode_s", 1), (f"{args.steps}-step generation (s)", "total_s", 1),
             ("load (s)", "load_s", 1), ("peak RSS (GB)", "peak_bytes", 1e9)]
     if "cuda_peak_bytes" in results[sides[0]]:

@@ -28,7 +28,8 @@ class CLIError(Exception):
 SETTING_OPTIONS = ("prompt", "negative", "steps", "cfg", "sampler", "schedule", "seed", "width", "height", "batch",
                    "strength", "clip_skip", "rng", "hires_scale", "hires_steps", "hires_upscaler", "hires_strength",
                    "ngms", "ngms_all_steps", "original_size", "target_size", "crop_top_left", "refiner",
-                   "refiner_switch_at", "token_merging_ratio", "token_merging_ratio_hr")
+                   "refiner_switch_at", "token_merging_ratio", "token_merging_ratio_hr", "deep_cache_interval",
+                   "deep_cache_depth")
 HIRES_KEYS = ("hires_scale", "hires_resize", "hires_steps", "hires_upscaler", "hires_strength")
 
 
@@ -62,6 +63,12 @@ def add_generate(sub) -> None:
                    "self-attention (ToMe; faster, approximate; 0 = off)")
     p.add_argument("--token-merging-ratio-hr", type=float, metavar="R",
                    help="the hires pass's token merging ratio (default: --token-merging-ratio)")
+    p.add_argument("--deep-cache-interval", type=int, metavar="N",
+                   help="DeepCache: run the whole UNet every N-th step only, and in between its shallow branch on "
+                   "the deep features cached (faster, approximate; 1 = off)")
+    p.add_argument("--deep-cache-depth", type=int, metavar="D",
+                   help="DeepCache: which shallow branch the steps in between run (0, the default, is the "
+                   "shallowest and fastest)")
     p.add_argument("--original-size", type=height_width, metavar="WxH",
                    help="SDXL's size conditioning: the size the picture had before cropping (default: the image's)")
     p.add_argument("--target-size", type=height_width, metavar="WxH",
@@ -515,7 +522,8 @@ def run_eval(args) -> int:
     result = evaluate(pipe, count=args.count, seed=args.seed if args.seed is not None else EVAL_SEED,
                       steps=args.steps, sampler=args.sampler, cfg=args.cfg,
                       progress=lambda done, total: bar.update(1), ngms=args.ngms,
-                      token_merging_ratio=args.token_merging_ratio)
+                      token_merging_ratio=args.token_merging_ratio, deep_cache_interval=args.deep_cache_interval,
+                      deep_cache_depth=args.deep_cache_depth)
     bar.close()
     print(format_table(result))
     return 0
@@ -584,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score with A1111's Negative Guidance minimum sigma (its quality cost)")
     p.add_argument("--token-merging-ratio", type=float, default=0.0, metavar="R",
                    help="score with A1111's token merging at this ratio (its quality cost)")
+    p.add_argument("--deep-cache-interval", type=int, default=1, metavar="N",
+                   help="score with DeepCache at this interval (its quality cost)")
+    p.add_argument("--deep-cache-depth", type=int, default=0, metavar="D", help="with --deep-cache-interval")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="score the UNet in this precision (its cost)")
     add_weights_option(p)
     p.add_argument("--device", default="auto")

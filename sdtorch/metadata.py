@@ -41,6 +41,8 @@ _KWARG_NAMES = {
     "NGMS all steps": ("ngms_all_steps", lambda v: v == "True"),
     "Token merging ratio": ("token_merging_ratio", float),
     "Token merging ratio hr": ("token_merging_ratio_hr", float),
+    "DeepCache interval": ("deep_cache_interval", int),  # sdtorch's: A1111 has no DeepCache of its own
+    "DeepCache depth": ("deep_cache_depth", int),
     "Refiner": ("refiner_title", str),  # "name [hash]": which model, not where it is (the CLI asks for its path)
     "Refiner switch at": ("refiner_switch_at", float),
 }
@@ -134,7 +136,7 @@ def params_to_kwargs(params: dict[str, str]) -> dict:
     Model -> model, RNG -> rng, Hires upscale -> hires_scale, Hires resize "WxH" -> hires_resize,
     Hires steps -> hires_steps, Hires upscaler -> hires_upscaler, NGMS -> ngms, NGMS all steps -> ngms_all_steps,
     Refiner -> refiner_title, Refiner switch at -> refiner_switch_at, Token merging ratio (hr) ->
-    token_merging_ratio(_hr),
+    token_merging_ratio(_hr), DeepCache interval / depth -> deep_cache_interval / deep_cache_depth,
     SDXL's Original size / Target size "WxH" -> original_size / target_size (h, w), Crop "top,left" ->
     crop_top_left. Only keys present in params appear in the result.
     """

@@ -7,6 +7,7 @@ The flow of one image (see docs in README):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import threading
@@ -33,6 +34,7 @@ from .metadata import format_parameters, png_with_parameters
 from .models import StableDiffusionModels
 from .models import stored
 from .models.packed import packed_weights
+from .models.deep_cache import deep_cache
 from .models.token_merging import token_merging
 from .prompts import extract_lora_tags
 from .refiner import Handover
@@ -129,6 +131,10 @@ class Settings:
     # models/token_merging.py): faster, approximate; 0 = off. The hires pass uses token_merging_ratio_hr if set.
     token_merging_ratio: float = 0.0
     token_merging_ratio_hr: float = 0.0
+    # DeepCache (models/deep_cache.py): the UNet runs in full every deep_cache_interval-th evaluation and in between
+    # only its shallow branch number deep_cache_depth: faster, approximate; 1 = off. Both passes of hires fix.
+    deep_cache_interval: int = 1
+    deep_cache_depth: int = 0
     loras: dict | None = None  # {name or path: w, or {"unet": w, "te": w}}: written into the prompt as <lora:...> tags
     # SDXL's size conditioning (Podell et al. 2023, sec. 2.2), as diffusers names them: original_size and
     # target_size (height, width), None = the image's; crop_top_left (top, left)
@@ -182,6 +188,10 @@ class Settings:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v < 1:
                 raise SettingError(name, f"must be in [0, 1) (0 = off), got {v}")
+        for name, least in (("deep_cache_interval", 1), ("deep_cache_depth", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < least:  # the depth's upper bound is the UNet's (deep_cache())
+                raise SettingError(name, f"must be an integer of at least {least}, got {v}")
         if not isinstance(self.refiner_switch_at, (int, float)) or not 0 < self.refiner_switch_at <= 1:
             raise SettingError("refiner_switch_at", f"must be in (0, 1], got {self.refiner_switch_at}")
         if self.refiner is not None and self.hires:
@@ -437,12 +447,13 @@ class Pipeline:
                         loop.enter_context(packed_weights(refiner.unet))
                 denoiser = Handover(denoiser, self._denoiser(refiner.unet, s, refiner), refiner_args, self.schedule,
                                     s.refiner_switch_at, hand_over)
-            with token_merging(self.unet, s.token_merging_ratio):
+            cached = functools.partial(deep_cache, self.unet, s.deep_cache_interval, s.deep_cache_depth)
+            with token_merging(self.unet, s.token_merging_ratio), cached():
                 latents = sample(denoiser, sampler, s.steps, self.schedule, SeededNoise(s.seed, s.batch, s.rng),
                                  (channels, h, w), init_latent=x0_latent, strength=s.strength,
                                  latent_mask=latent_mask, img2img_fix_steps=s.img2img_fix_steps, **common)
             if s.hires and init_image is None:
-                with token_merging(self.unet, s.token_merging_ratio_hr or s.token_merging_ratio):  # as A1111
+                with token_merging(self.unet, s.token_merging_ratio_hr or s.token_merging_ratio), cached():
                     latents = self._hires_pass(s, latents, denoiser, sampler, common, tiled_vae)
         if denoiser.skipped_uncond:
             s.hashes["NGMS"] = str(s.ngms)
@@ -604,6 +615,8 @@ class Pipeline:
             "Token merging ratio": s.token_merging_ratio or None,
             "Token merging ratio hr": (s.token_merging_ratio_hr or s.token_merging_ratio or None) if hires_pass
             else None,
+            "DeepCache interval": s.deep_cache_interval if s.deep_cache_interval > 1 else None,
+            "DeepCache depth": s.deep_cache_depth if s.deep_cache_interval > 1 else None,
             "Refiner": s.hashes.get("Refiner"),
             "Refiner switch at": s.refiner_switch_at if "Refiner" in s.hashes else None,
             "TI hashes": s.hashes.get("TI hashes"), "Lora hashes": s.hashes.get("Lora hashes"),
@@ -636,7 +649,7 @@ _SETTINGS_FIELDS = {"steps", "cfg", "sampler", "schedule", "seed", "width", "hei
                     "guidance_rescale", "eta", "rng", "convention", "img2img_fix_steps", "hires_scale", "hires_resize",
                     "hires_steps", "hires_upscaler", "hires_strength", "loras", "original_size", "crop_top_left",
                     "target_size", "ngms", "ngms_all_steps", "refiner", "refiner_switch_at", "token_merging_ratio",
-                    "token_merging_ratio_hr"}
+                    "token_merging_ratio_hr", "deep_cache_interval", "deep_cache_depth"}
 
 
 def _settings_kwargs(kwargs: dict) -> dict:

@@ -26,6 +26,14 @@ def tiny_models(cfg: ModelConfig = TINY, seed: int = 0):
     return models.eval()
 
 
+def tiny_pipeline(**kwargs):
+    """A Pipeline of `tiny_models()` with the default tokenizer, on the CPU."""
+    from sdtorch.pipeline import Pipeline
+    from sdtorch.tokenizer import CLIPTokenizer
+
+    return Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, **{"device": "cpu", **kwargs})
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg() -> ModelConfig:
     return TINY

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, tiny_models
+from conftest import TINY, tiny_models, tiny_pipeline
 from sdtorch.checkpoint import CheckpointError, detect_format, load_checkpoint, read_tensor_index
 from sdtorch.checkpoint.errors import UnsafeCheckpointError
 from sdtorch.checkpoint.formats import write_safetensors
@@ -550,10 +550,7 @@ def test_an_existing_numbered_file_is_never_replaced(tmp_path):
 # -- 7 and 9. interrupts belong to their generation ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipe():
-    from sdtorch.pipeline import Pipeline
-    from sdtorch.tokenizer import CLIPTokenizer
-
-    return Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, device="cpu")
+    return tiny_pipeline()
 
 
 SMALL = dict(steps=4, seed=1, width=32, height=32)

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import TINY, tiny_models
+from conftest import TINY, tiny_models, tiny_pipeline
 from sdtorch.models.token_merging import bipartite_merge, token_merging
 
 
@@ -56,10 +56,7 @@ def test_merge_then_unmerge_gives_every_merged_token_its_destinations_value():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from sdtorch.pipeline import Pipeline
-    from sdtorch.tokenizer import CLIPTokenizer
-
-    return Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, device="cpu")
+    return tiny_pipeline()
 
 
 @pytest.mark.parametrize("hires", [False, True])

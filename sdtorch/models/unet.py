@@ -159,6 +159,7 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, ch), nn.SiLU(),
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.feature_cache = None  # set by deep_cache() for one sampling run
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None) -> None:
         cfg = self.config
@@ -188,12 +189,16 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y.to(dtype))
         context = context.to(dtype)
         h = x.to(dtype)
+        cache = self.feature_cache  # DeepCache (deep_cache.py): None = off
+        cached = cache.reuse(x, t) if cache is not None else None  # a partial evaluation resumes from this
         skips = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:cache.depth + 1] if cached is not None else self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
+        h = self.middle_block(h, emb, context) if cached is None else cached
+        for block in self.output_blocks[len(self.output_blocks) - len(skips):]:
+            if cache is not None and cached is None and len(skips) == cache.depth + 1:
+                cache.keep(x, h)  # the up path where the shallow branch joins it
             h = torch.cat([h, skips.pop()], dim=1)  # U-Net skip: concatenate on channels
             h = block(h, emb, context, up_size=skips[-1].shape[2:] if skips else None)
         return self.out(h)
