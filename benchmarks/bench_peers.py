@@ -5,7 +5,8 @@
 Sides (each its own process, loaded one after the other, then asked for one UNet call with CFG (batch 2, the same
 latents, timestep and context) in turn, round after round):
   sdtorch            exact fp32, packed weights (models/packed.py), as the pipeline's sampling loop runs it
-  sdtorch-bf16       sdtorch.load(dtype="bf16"): the UNet's weights and activations in bfloat16
+  sdtorch-bf16       sdtorch.load(dtype="bf16"): the UNet's weights and activations in bfloat16, its weights packed
+                     in bf16 where oneDNN has bf16 kernels
   sdtorch-q8         sdtorch.load(weights="q8"): int8 weights with block scales, dequantized per layer, fp32 compute
   sdtorch-q8-bf16    q8 weights, bf16 compute
   sdtorch-tome       exact fp32 with A1111's token merging at ratio 0.5 (models/token_merging.py)
@@ -69,7 +70,7 @@ def load_side(side: str, path: str, size: int):
     from sdtorch.models.token_merging import token_merging
 
     stack = contextlib.ExitStack()
-    stack.enter_context(packed_weights(pipe.unet))  # packs at the first (untimed) call; bf16 and q8 run plain
+    stack.enter_context(packed_weights(pipe.unet))  # packs at the first (untimed) call; q8 runs plain
     stack.enter_context(token_merging(pipe.unet, 0.5 if side == "sdtorch-tome" else 0.0))
     unet = pipe.unet
 

@@ -33,7 +33,7 @@ from .lora import AppliedNetworks, find_file, read_network
 from .metadata import format_parameters, png_with_parameters
 from .models import StableDiffusionModels
 from .models import stored
-from .models.packed import packed_weights
+from .models.packed import packed_weights, packs
 from .models.deep_cache import deep_cache
 from .models.token_merging import token_merging
 from .prompts import extract_lora_tags
@@ -79,11 +79,14 @@ def warn_if_cpu_lacks(dtype: torch.dtype) -> None:
                       f"will run many times slower than in fp32; use dtype fp32 here", stacklevel=3)
 
 
-def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, packed_loop: bool = False) -> None:
     """Move `model` to compute in `dtype` on `device`. In fp32 on the CPU, layer weights a file stores in half
-    precision stay as stored, memory-mapped, and are cast per call or packed per loop (models/stored.py); q8 weights
-    stay int8 on any device and dtype, dequantized per call."""
-    if (device.type == "cpu" and dtype == torch.float32) or stored.is_quantized(model):
+    precision stay as stored, memory-mapped, and are cast per call or packed per loop (models/stored.py); so do all
+    layer weights of a model computing in bf16 on a CPU with oneDNN's bf16 kernels, when its calls run in a
+    `packed_loop` (a bf16 pack replaces the mapped weight, and a bf16 step on packs is ~0.7x one on plain weights); q8
+    weights stay int8 on any device and dtype, dequantized per call."""
+    bf16_packs = packed_loop and device.type == "cpu" and dtype == torch.bfloat16 and packs(dtype)
+    if (device.type == "cpu" and dtype == torch.float32) or bf16_packs or stored.is_quantized(model):
         stored.compute_in(model.to(device), dtype)
     else:
         stored.cast_all(model, device, dtype)
@@ -259,7 +262,7 @@ class Pipeline:
         self.device = resolve_device(device) if device is not None else self.device
         self.dtype = resolve_dtype(dtype) or self.dtype
         side = torch.device("cpu") if self.offload else self.device
-        _place(self.unet, self.device, self.dtype)
+        _place(self.unet, self.device, self.dtype, packed_loop=self.release_idle_weights)  # (see _run's loop)
         if self.device.type == "cpu" and self.dtype in (torch.float16, torch.bfloat16):
             warn_if_cpu_lacks(self.dtype)
         # on the CPU fp16/bf16 are slow and not always supported: keep the side models fp32 there

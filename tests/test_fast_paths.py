@@ -64,7 +64,7 @@ def test_the_fast_forms_run_on_the_cpu_only(monkeypatch):
     from sdtorch.models.attention import FeedForward
 
     phases = []
-    monkeypatch.setattr(upsample, "upsample_conv", lambda x, conv: phases.append(x.device.type) or conv(
+    monkeypatch.setattr(upsample, "upsample_conv", lambda x, conv, kept: phases.append(x.device.type) or conv(
         F.interpolate(x, scale_factor=2.0, mode="nearest")))
     up = Upsample(4)
     for device in ("cpu", "meta"):
@@ -191,3 +191,25 @@ def test_a_lora_merged_weight_is_packed_and_dropped(monkeypatch):
             with torch.enable_grad(), pytest.raises(RuntimeError, match="LoRA"):
                 layer(x)
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5  # rounding of oneDNN's kernel only
+
+
+def test_in_a_packed_loop_the_upsampling_folds_its_kernels_once(monkeypatch):
+    """Inside packed_weights the folded upsampling keeps its phase kernels (per dtype) for the loop instead of folding
+    them at every call: the same result, and nothing kept after the block or while autograd records."""
+    from sdtorch.models import upsample
+
+    up = Upsample(16).eval()
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 1), up)  # (packed_weights keeps kernels beside packs)
+    x = torch.randn(1, 16, 6, 6)
+    want = up(x)
+    folds = []
+    fold = upsample.phase_kernels
+    monkeypatch.setattr(upsample, "phase_kernels", lambda *a: folds.append(1) or fold(*a))
+    with torch.no_grad(), packed.packed_weights(model, duplicates_ok=True):
+        outs = [up(x) for _ in range(3)]
+    assert len(folds) == 1 and all(torch.equal(out, want) for out in outs)
+    assert up.kept_kernels is None
+    with packed.packed_weights(model, duplicates_ok=True):
+        up(x.requires_grad_()).sum().backward()
+        up(x)
+    assert len(folds) == 3  # with gradients: folded at each call, never kept

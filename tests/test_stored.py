@@ -111,6 +111,7 @@ def test_moving_to_fp16_casts_every_weight_and_back_to_fp32_keeps_them_fp16(tmp_
     import sdtorch
 
     pipe = sdtorch.load(fp16_file(tmp_path, TINY), device="cpu")
+    pipe.release_idle_weights = False  # no packed loop: bf16 casts every weight too (see the next test)
     pipe.to(dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in pipe.unet.parameters())
     assert not any("forward" in m.__dict__ for m in pipe.unet.modules())
@@ -119,3 +120,46 @@ def test_moving_to_fp16_casts_every_weight_and_back_to_fp32_keeps_them_fp16(tmp_
     assert all(p.dtype == (torch.bfloat16 if id(p) in kept else torch.float32) for p in pipe.unet.parameters())
     out = pipe.unet(torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 77, 32))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not packed.packs(torch.bfloat16), reason="this CPU has no oneDNN bf16 kernels: bf16 casts at load")
+@pytest.mark.parametrize("half_file", [False, True])
+def test_bf16_on_a_cpu_with_bf16_kernels_packs_the_files_weights_and_leaves_the_side_models_as_fp32(tmp_path,
+                                                                                                    half_file):
+    """sdtorch.load(dtype="bf16"): the UNet's layer weights stay as the file stores them (memory-mapped) and are
+    packed in bf16 for the sampling loop, their mapped pages released; the text encoder and VAE compute in fp32 from
+    the file's own weights, not from a bf16 rounding of them."""
+    import sdtorch
+
+    if half_file:
+        path = fp16_file(tmp_path, TINY)
+    else:
+        path = tmp_path / "model.safetensors"
+        sdtorch.save(Pipeline(tiny_models(), CLIPTokenizer.default(), TINY, device="cpu"), path)
+    pipe = sdtorch.load(path, device="cpu", dtype="bf16")
+    exact = sdtorch.load(path, device="cpu")
+    stored_dtype = torch.float16 if half_file else torch.float32
+    assert all(m.weight.dtype == stored_dtype and packed.stored.compute_dtype(m) == torch.bfloat16
+               for m in layers(pipe.unet))
+    assert all(p.dtype == torch.bfloat16 for n, p in pipe.unet.named_parameters() if not n.endswith("weight")
+               or p.dim() < 2)
+    with torch.inference_mode():  # the side models are the fp32 pipeline's, bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(pipe.encode_prompts("a red circle", "ugly", 1),
+                                                     exact.encode_prompts("a red circle", "ugly", 1), strict=True))
+        z = torch.randn(1, 4, 8, 8)
+        assert torch.equal(pipe.vae.decode(z), exact.vae.decode(z))
+        x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 20.0]), torch.randn(2, 77, 32)
+        plain = pipe.unet(x, t, context)  # each weight cast to bf16 at the call
+        with packed.packed_weights(pipe.unet):
+            packs = pipe.unet(x, t, context)
+            folded = {id(m.conv) for m in pipe.unet.modules() if isinstance(m, Upsample)}  # (its own 2x2 convs)
+            assert all(m.forward.packed is not None for m in layers(pipe.unet) if id(m) not in folded)
+        want = exact.unet(x, t, context)
+    assert packs.dtype == plain.dtype == torch.bfloat16
+    # bf16 rounding (8 significant bits) over the tiny UNet's layers; packs add the bias inside the kernel, in fp32
+    assert (packs.float() - want).abs().max() <= 2e-2 * want.abs().max()
+    assert (packs.float() - plain.float()).abs().max() <= 2e-2 * want.abs().max()
+    image = pipe.run(Settings("a red circle", **GENERATE))
+    assert torch.isfinite(image).all() and (image - exact.run(Settings("a red circle", **GENERATE))).abs().max() < 0.2
+    if LINUX:  # after the loop the mapped weights are out of RAM: the packs stood in for them
+        assert resident_file_bytes([m.weight for m in layers(pipe.unet)]) == 0

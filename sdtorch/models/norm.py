@@ -12,4 +12,6 @@ class GroupNorm32(nn.GroupNorm):
             return super().forward(x)
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
+        if x.device.type == "cpu":  # PyTorch's CPU kernel takes half input with fp32 affine and accumulates in fp32
+            return F.group_norm(x, self.num_groups, w, b, self.eps)  # (without two casts of x: ~3x faster)
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)

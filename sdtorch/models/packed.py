@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import memory
 from . import stored
+from .upsample import Upsample
 
 
 def available() -> bool:
@@ -35,6 +36,13 @@ def available() -> bool:
     ops = ("_reorder_linear_weight", "_linear_pointwise", "_convolution_pointwise")
     return (torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, op) for op in ops)
             and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether layers computing in `dtype` are packed: fp32, and bf16 where oneDNN has native bf16 kernels."""
+    if dtype == torch.bfloat16:
+        return available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32 and available()
 
 
 TRIM_EVERY = 64 << 20  # bytes of dropped LoRA-merged weights between two heap trims
@@ -48,12 +56,13 @@ class _PackedForward:
         self.layer, self.duplicates_ok = layer, duplicates_ok
         self.inner = layer.__dict__.get("forward")  # the layer's own stand-in (a stored.CastingForward), if any
         self.packed, self.plain, self.carries_merge = None, False, False
+        self.dtype = stored.compute_dtype(layer)
         if isinstance(layer, nn.Conv2d):
             self.conv_args = list(layer.padding), list(layer.stride), list(layer.dilation), layer.groups
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        if self.plain or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+        if self.plain or torch.is_grad_enabled() or x.dtype != self.dtype or x.device.type != "cpu":
             if self.carries_merge:  # the layer's own weight lacks the LoRA now: running it would drop the LoRA
                 raise RuntimeError("a LoRA-merged layer was packed and can only run on its pack inside the block")
             return self.plain_forward(x)
@@ -74,7 +83,10 @@ class _PackedForward:
                 # the pack stays if the original's memory-mapped pages could be given back (the original is not
                 # read again in the block): RAM then holds one copy of the weight, not two
                 released = memory.release([layer.weight])
-                if not (self.duplicates_ok or released >= layer.weight.nbytes - 2 * memory.PAGE):
+                # (a bf16 layer's weight stored in another precision would be cast whole at every plain call: its
+                # pack stays even beside an original in ordinary memory)
+                if not (self.duplicates_ok or released >= layer.weight.nbytes - 2 * memory.PAGE
+                        or (self.dtype == torch.bfloat16 and stored.is_stored(layer))):
                     self.plain = True
                     return self.plain_forward(x)
                 self.packed = packed
@@ -86,8 +98,8 @@ class _PackedForward:
         return self.inner(x) if self.inner is not None else type(self.layer).forward(self.layer, x)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight, in fp32, in oneDNN's layout for inputs like x (an opaque oneDNN tensor)."""
-        weight = stored.weight_of(self.layer, torch.float32)  # a stored fp16 weight: its exact cast
+        """The weight, in the layer's compute dtype, in oneDNN's layout for inputs like x (an opaque oneDNN tensor)."""
+        weight = stored.weight_of(self.layer, self.dtype)  # a weight stored in another precision: its cast
         if isinstance(self.layer, nn.Linear):
             return torch.ops.mkldnn._reorder_linear_weight(weight, x.numel() // x.shape[-1])
         return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), *self.conv_args, list(x.shape))
@@ -96,7 +108,7 @@ class _PackedForward:
 def _packable(layer: nn.Module) -> bool:
     if not isinstance(layer, (nn.Linear, nn.Conv2d)):
         return False
-    if stored.compute_dtype(layer) != torch.float32 or layer.weight.device.type != "cpu":
+    if not packs(stored.compute_dtype(layer)) or layer.weight.device.type != "cpu":
         return False
     if stored.is_q8_layer(layer):  # q8: a pack would be a full fp32 copy, what the mode exists to avoid
         return False
@@ -108,13 +120,19 @@ def _packable(layer: nn.Module) -> bool:
 def packed_weights(model: nn.Module, duplicates_ok: bool = False) -> Iterator[None]:
     """Within the block, `model`'s fp32 CPU Linear and Conv2d layers run on packed weights (see the module's text).
     By default only where the pack replaces a memory-mapped original; `duplicates_ok`: everywhere, keeping both."""
-    layers = [m for m in model.modules() if _packable(m)] if available() else []
+    layers = [m for m in model.modules() if _packable(m)]
     forwards = [_PackedForward(layer, duplicates_ok) for layer in layers]
     for layer, forward in zip(layers, forwards, strict=True):
         layer.forward = forward
+    # the folded upsampling convs (upsample.py) compute their phase kernels once for the loop, not at every call
+    upsamplers = [m for m in model.modules() if isinstance(m, Upsample)] if layers else []
+    for upsampler in upsamplers:
+        upsampler.kept_kernels = {}
     try:
         yield
     finally:
+        for upsampler in upsamplers:
+            upsampler.kept_kernels = None
         for layer, forward in zip(layers, forwards, strict=True):
             if forward.inner is not None:
                 layer.forward = forward.inner

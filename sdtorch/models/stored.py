@@ -108,10 +108,12 @@ def is_q8_layer(module: nn.Module) -> bool:
 
 def compute_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Make `model` compute in `dtype` (on its device), keeping Linear and Conv2d weights stored in half precision or
-    q8 as they are (cast or dequantized per call, see the module's text); every other tensor is cast. Idempotent."""
+    q8 as they are, and for bf16 any other precision too (cast or dequantized per call, or packed per loop: see the
+    module's text); every other tensor is cast. Idempotent."""
     for module in model.modules():
         quantized = is_q8_layer(module)
-        keep = quantized or (_layer(module) and module.weight.dtype in HALF and dtype not in HALF)
+        keep = quantized or (_layer(module) and module.weight.dtype != dtype
+                             and (dtype == torch.bfloat16 or (module.weight.dtype in HALF and dtype not in HALF)))
         for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
             if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
                 continue

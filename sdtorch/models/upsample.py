@@ -43,10 +43,15 @@ def phase_kernels(weight: torch.Tensor, dtype: torch.dtype | None = None) -> tor
     return folded.to(dtype or weight.dtype).view(o, i, 2, 2, 2, 2).permute(2, 3, 0, 1, 4, 5)
 
 
-def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """conv(interpolate(x, scale_factor=2, mode="nearest")) for a 3x3, padding-1 `conv`; keeps x's memory format."""
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, kept: dict | None = None) -> torch.Tensor:
+    """conv(interpolate(x, scale_factor=2, mode="nearest")) for a 3x3, padding-1 `conv`; keeps x's memory format.
+    `kept`: a dict where the phase kernels are kept by dtype and taken from at later calls (inference only)."""
     b, _, h, w = x.shape
-    kernels = phase_kernels(weight_of(conv, torch.float32), x.dtype)  # x's dtype: a stored fp16 or q8 weight's too
+    kernels = kept.get(x.dtype) if kept is not None else None
+    if kernels is None:
+        kernels = phase_kernels(weight_of(conv, torch.float32), x.dtype)  # x's dtype: a stored fp16 or q8 weight's too
+        if kept is not None and not torch.is_grad_enabled():
+            kept[x.dtype] = kernels
     padded = F.pad(x, (1, 1, 1, 1))
     nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     out_channels = conv.out_channels
@@ -71,10 +76,12 @@ class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.kept_kernels = None  # a dict while packed.packed_weights keeps the phase kernels for a sampling loop
 
     def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
         doubled = (2 * x.shape[2], 2 * x.shape[3])
         size = doubled if size is None else tuple(size)
         if x.device.type == "cpu" and size == doubled:
-            return upsample_conv(x, self.conv)  # the same map as the line below, computed in four phases
+            # the same map as the line below, computed in four phases
+            return upsample_conv(x, self.conv, self.kept_kernels)
         return self.conv(F.interpolate(x, size=size, mode="nearest"))  # (B, C, H, W) -> (B, C, 2H, 2W)
