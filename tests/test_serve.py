@@ -171,7 +171,7 @@ def test_options_switch_between_two_models(api):
         assert api.get_options()["sd_model_checkpoint"].startswith("second.safetensors [")
     finally:
         api.set_options({"sd_model_checkpoint": "builtin.safetensors"})
-    assert api.util_get_current_model() == "builtin.safetensors [75dd5b6f9e]"  # A1111's title: name [short hash]
+    assert api.util_get_current_model() == "builtin.safetensors [4105794dbd]"  # A1111's title: name [short hash]
 
 
 def test_clip_skip_override_reaches_the_pipeline(api):
