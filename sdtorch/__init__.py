@@ -29,16 +29,14 @@ def load(path, *, vae=None, device="auto", dtype=None, ema: bool = False, predic
 
     from .checkpoint import load_checkpoint
     from .models import stored
-    from .models.packed import packs
-    from .pipeline import Pipeline, resolve_device, resolve_dtype
+    from .pipeline import Pipeline, keeps_stored_layers, resolve_device, resolve_dtype
 
     stored.check_weights(weights)
     # computing in fp32 on the CPU, an fp16 file's layer weights stay as stored (models/stored.py), and in bf16 on a
     # CPU with bf16 kernels every file's (the Pipeline packs them per loop); q8 reads each layer as stored, in fp32
     # terms, and rounds it to int8, so the full-precision model is never resident
     device, dtype = resolve_device(device), resolve_dtype(dtype)
-    as_stored = weights == "q8" or (device.type == "cpu" and (dtype in (None, torch.float32) or (
-        dtype == torch.bfloat16 and packs(dtype))))
+    as_stored = weights == "q8" or keeps_stored_layers(device, dtype or torch.float32)
     loaded = load_checkpoint(path, vae=vae, device="cpu", dtype=torch.float32 if as_stored else dtype, ema=ema,
                              prediction_type=prediction_type, stored_layers=as_stored)
     if weights == "q8":

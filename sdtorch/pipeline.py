@@ -79,14 +79,20 @@ def warn_if_cpu_lacks(dtype: torch.dtype) -> None:
                       f"will run many times slower than in fp32; use dtype fp32 here", stacklevel=3)
 
 
+def keeps_stored_layers(device: torch.device, dtype: torch.dtype, packed_loop: bool = True) -> bool:
+    """Whether a model computing in `dtype` on `device` keeps its Linear and Conv2d weights as the file stores them
+    (models/stored.py): in fp32 on the CPU, and in bf16 on a CPU with oneDNN's bf16 kernels when its calls run in a
+    `packed_loop` (a bf16 pack replaces the mapped weight, and a bf16 step on packs is ~0.7x one on plain weights)."""
+    return device.type == "cpu" and (dtype == torch.float32 or (packed_loop and dtype == torch.bfloat16
+                                                                and packs(dtype)))
+
+
 def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, packed_loop: bool = False) -> None:
     """Move `model` to compute in `dtype` on `device`. In fp32 on the CPU, layer weights a file stores in half
-    precision stay as stored, memory-mapped, and are cast per call or packed per loop (models/stored.py); so do all
-    layer weights of a model computing in bf16 on a CPU with oneDNN's bf16 kernels, when its calls run in a
-    `packed_loop` (a bf16 pack replaces the mapped weight, and a bf16 step on packs is ~0.7x one on plain weights); q8
-    weights stay int8 on any device and dtype, dequantized per call."""
-    bf16_packs = packed_loop and device.type == "cpu" and dtype == torch.bfloat16 and packs(dtype)
-    if (device.type == "cpu" and dtype == torch.float32) or bf16_packs or stored.is_quantized(model):
+    precision stay as stored, memory-mapped, and are cast per call or packed per loop (models/stored.py), and so do
+    all layer weights in bf16 where `keeps_stored_layers` says; q8 weights stay int8 on any device and dtype,
+    dequantized per call."""
+    if keeps_stored_layers(device, dtype, packed_loop) or stored.is_quantized(model):
         stored.compute_in(model.to(device), dtype)
     else:
         stored.cast_all(model, device, dtype)

@@ -122,7 +122,8 @@ def _packable(layer: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def packed_weights(model: nn.Module, duplicates_ok: bool = False) -> Iterator[None]:
-    """Within the block, `model`'s fp32 CPU Linear and Conv2d layers run on packed weights (see the module's text).
+    """Within the block, `model`'s CPU Linear and Conv2d layers computing in a dtype `packs` covers run on packed
+    weights (see the module's text).
     By default only where the pack replaces a memory-mapped original; `duplicates_ok`: everywhere, keeping both."""
     layers = [m for m in model.modules() if _packable(m)]
     forwards = [_PackedForward(layer, duplicates_ok) for layer in layers]
