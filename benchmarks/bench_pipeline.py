@@ -1,7 +1,7 @@
 """One SD 1.5-size generation, sdtorch against diffusers on the same machine, weights and settings.
 
     python benchmarks/bench_pipeline.py [--steps 20] [--size 512] [--device cpu|cuda] [--dtype fp32|fp16]
-                                        [--sides ours,ours-q8,ours-q8file,ours-q8-bf16,ours-deepcache,diffusers]
+                                        [--sides ours,ours-q8,ours-q8file,ours-q8-bf16,ours-deepcache-2-2,diffusers]
 
 Random SD 1.5 weights are written once as a single-file .safetensors; each side then runs in a fresh subprocess:
 load the file (ours: `sdtorch.load`; diffusers: `StableDiffusionPipeline.from_single_file`, offline config), encode
@@ -10,7 +10,8 @@ encoding, the median UNet step (with CFG), VAE decode, the whole generation, and
 imports, so the load counts) — each as ours / diffusers. Sides beyond `ours` (sdtorch at --dtype) and `diffusers`
 are sdtorch's approximate CPU modes: `ours-q8` (weights="q8"), `ours-q8-bf16` (q8 weights, bf16 compute), `ours-bf16`,
 `ours-q8file` / `ours-q8file-bf16` (a file `convert --weights q8` wrote, memory-mapped, whose idle phases leave RAM),
-`ours-deepcache` (DeepCache, interval 3, depth 0: its partial steps are short, so compare the mean step);
+`ours-deepcache` (DeepCache, interval 3, depth 0), `ours-deepcache-N-D` (interval N, depth D): its partial steps are
+short, so compare the mean step;
 each image's difference to diffusers' is its quality cost (ours and diffusers agree to ~1e-4). Never a test.
 """
 import argparse
@@ -50,6 +51,14 @@ def load_pipeline(side: str, path: str, config_dir: str, device: str = "cpu", dt
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     return StableDiffusionPipeline.from_single_file(path, config=config_dir, local_files_only=True,
                                                     safety_checker=None, torch_dtype=torch_dtype).to(device)
+
+
+def deep_cache_settings(side: str) -> dict:
+    """`ours-deepcache` -> interval 3, depth 0; `ours-deepcache-N-D` -> interval N, depth D; other sides: none."""
+    if not side.startswith("ours-deepcache"):
+        return {}
+    interval, depth = side.split("-")[2:] or (3, 0)
+    return {"deep_cache_interval": int(interval), "deep_cache_depth": int(depth)}
 
 
 def encode_prompts(side: str, pipe, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +115,7 @@ def child(side: str, path: str, config_dir: str, steps: int, size: int, device: 
                 return out
 
             pipe.decode_latents = timed_decode
-            cache = {"deep_cache_interval": 3} if side == "ours-deepcache" else {}
+            cache = deep_cache_settings(side)
             pipe.run(Settings(PROMPT, NEGATIVE, steps=steps, cfg=7.0, sampler="Euler", seed=0, width=size,
                               height=size, **cache),
                      callback=lambda *a: (sync(device), stamps.append(time.perf_counter())))
