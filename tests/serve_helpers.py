@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import requests
@@ -26,10 +27,15 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "sdtorch.cli", "serve", "--port", str(self.port),
                                       *auth_args, *map(str, args)], env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
+        # read the server's output as it comes: a pipe nobody reads fills at 64 KB and then blocks the server
+        self._output: list[str] = []
+        self._drain = threading.Thread(target=lambda: self._output.extend(self.proc.stdout), daemon=True)
+        self._drain.start()
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sdtorch serve exited: {self.proc.stdout.read()}")
+                self._drain.join(timeout=5)
+                raise RuntimeError(f"sdtorch serve exited: {''.join(self._output)}")
             try:
                 if requests.get(self.url + "/internal/ping", auth=auth, timeout=1).status_code == 200:
                     return
@@ -48,8 +54,9 @@ class Server:
     def stop(self) -> str:
         self.proc.terminate()
         try:
-            out, _ = self.proc.communicate(timeout=10)
+            self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out
+            self.proc.wait()
+        self._drain.join(timeout=5)
+        return "".join(self._output)
