@@ -30,6 +30,7 @@ def test_a_perfect_generator_scores_100_percent():
     result = evaluate(FakePipe(perfect=True), count=20)
     assert all(v == 1.0 for v in result["accuracy"].values()), result["accuracy"]
     assert result["vae_psnr"] > 60  # identity "VAE"
+    assert result["vae_round_trip"]["all_right"] == 1.0
     assert result["all_right"] == 1.0 and {n: g["all_right"] for n, g in result["by_shapes"].items()} == {1: 1, 2: 1}
     table = format_table(result)
     assert "position" in table and "2 shapes" in table and "everything" in table
@@ -58,6 +59,24 @@ def test_two_shape_scenes_are_scored_apart():
 def test_a_blank_generator_scores_badly():
     result = evaluate(FakePipe(perfect=False), count=20)
     assert result["accuracy"]["color"] < 0.2 and result["accuracy"]["shape"] < 0.2
+    # the VAE's ceiling is scored on the ground truths, not on the generated images: the identity "VAE" keeps them all
+    assert result["vae_round_trip"]["all_right"] == 1.0
+
+
+def test_the_vae_round_trip_is_scored_as_a_ceiling():
+    """A "VAE" that keeps a quarter of the resolution loses the small shapes' outlines; the round-trip score says so."""
+    import torch.nn.functional as F
+
+    class BlurryVAE(FakePipe):
+        def decode_latents(self, z):  # 4x4 block means, drawn back as blocks: a small circle comes back squarish
+            return F.interpolate(F.avg_pool2d(z, 4), scale_factor=4, mode="nearest")
+
+    result = evaluate(BlurryVAE(perfect=True), count=40)
+    trip = result["vae_round_trip"]
+    assert result["all_right"] == 1.0  # the generator itself is perfect
+    assert trip["all_right"] < 1.0 and trip["accuracy"]["shape"] < 1.0
+    assert sum(g["images"] for g in trip["by_shapes"].values()) == 40
+    assert "VAE round trip" in format_table(result)
 
 
 def test_the_evaluation_runs_on_a_real_pipeline():
