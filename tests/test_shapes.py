@@ -72,6 +72,11 @@ def test_items_depend_only_on_seed_and_index():
         short[5]
     # The image size changes the pixels, not the scene.
     assert example(7, 4, size=32)[1] == example(7, 4, size=256)[1]
+    # A data set that keeps what it drew gives the same items, drawn once: up to `keep` of them.
+    kept = ShapesDataset(10, seed=3, keep=2)
+    assert [kept[i][1] for i in (4, 1, 4, 7)] == [short[4][1], short[1][1], short[4][1], long[7][1]]
+    assert kept[4][0].tobytes() == short[4][0].tobytes() and kept[4] is kept[4] and kept[7] is not kept[7]
+    assert sorted(kept.kept) == [1, 4]
 
 
 def test_two_shapes_share_is_a_training_knob_the_default_of_which_is_the_evaluations():

@@ -305,7 +305,9 @@ def run_train(args) -> int:
         raise ValueError(f"--out {args.out} is a file, not a run folder")
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run with this seed
     objective, collate = build_objective(args)
-    source = open_source(args.data, args.data_size, args.resolution, args.seed, args.two_shapes)
+    # A pool whose encodings are cached is gone over every epoch: its drawn scenes are kept as well.
+    source = open_source(args.data, args.data_size, args.resolution, args.seed, args.two_shapes,
+                         keep=getattr(args, "cache_encodings", 0))
     train_part, holdout_part = split_holdout(source, args.holdout, args.seed)
     if hasattr(objective, "metadata"):
         objective.metadata["ss_num_train_images"] = str(len(train_part))

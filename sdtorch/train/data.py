@@ -205,13 +205,13 @@ class Collate:
 
 
 def open_source(data: str, data_size: int = 0, resolution: int = 64, seed: int = 0,
-                two_shapes_prob: float = TWO_SHAPES_PROB) -> Dataset:
+                two_shapes_prob: float = TWO_SHAPES_PROB, keep: int = 0) -> Dataset:
     """The (PIL image, caption) source named by `data`: a folder path, or "shapes" for `data_size` procedural items
-    (`two_shapes_prob` of them with two shapes)."""
+    (`two_shapes_prob` of them with two shapes; up to `keep` of them remembered once drawn)."""
     if data == "shapes":
         if data_size < 1:
             raise ValueError("--data shapes needs --data-size N (the number of procedural items), N >= 1")
-        return ShapesDataset(data_size, seed=seed, size=resolution, two_shapes_prob=two_shapes_prob)
+        return ShapesDataset(data_size, seed=seed, size=resolution, two_shapes_prob=two_shapes_prob, keep=keep)
     return ImageCaptionFolder(data)
 
 

@@ -301,14 +301,17 @@ def example(seed: int, index: int, size: int = 64, two_shapes_prob: float = TWO_
 class ShapesDataset(Dataset):
     """`length` items of the shapes data: (PIL RGB image, caption); item i depends only on (seed, i, size) and the
     share of two-shape scenes (the evaluation always draws TWO_SHAPES_PROB; a trainer may show more of the harder
-    two-shape scenes)."""
+    two-shape scenes). `keep` > 0 remembers up to that many rendered items: a trainer that goes over a fixed pool
+    every epoch then draws each scene once (the items are shared, not copied: a caller must not draw on them)."""
 
-    def __init__(self, length: int, seed: int = 0, size: int = 64, two_shapes_prob: float = TWO_SHAPES_PROB):
+    def __init__(self, length: int, seed: int = 0, size: int = 64, two_shapes_prob: float = TWO_SHAPES_PROB,
+                 keep: int = 0):
         if length < 0:
             raise ValueError(f"length must be non-negative, got {length}")
         if not 0 <= two_shapes_prob <= 1:
             raise ValueError(f"the share of two-shape scenes must be in [0, 1], got {two_shapes_prob}")
         self.length, self.seed, self.size, self.two_shapes_prob = length, seed, size, two_shapes_prob
+        self.keep, self.kept = keep, {}
 
     def __len__(self) -> int:
         return self.length
@@ -316,7 +319,12 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
-        return example(self.seed, index, self.size, self.two_shapes_prob)
+        item = self.kept.get(index)
+        if item is None:
+            item = example(self.seed, index, self.size, self.two_shapes_prob)
+            if len(self.kept) < self.keep:
+                self.kept[index] = item
+        return item
 
 
 def write_folder(out_dir: str | Path, count: int, seed: int = 0, size: int = 64) -> None:
