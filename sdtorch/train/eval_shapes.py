@@ -30,11 +30,6 @@ def round_trip(pipe, image: Image.Image) -> tuple[Image.Image, float]:
     return tensor_to_pil(y)[0], 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
-def vae_psnr(pipe, images) -> float:
-    """Mean PSNR (dB, pixel range [0, 255]) of the VAE round trip of `images`."""
-    return float(np.mean([round_trip(pipe, image)[1] for image in images]))
-
-
 def evaluate(pipe, count: int = 200, seed: int = EVAL_SEED, steps: int = 20, sampler: str = "DPM++ 2M",
              cfg: float = 5.0, size: int = 64, progress=None, **settings) -> dict:
     """Generate one image per caption and score it; returns per-attribute accuracy (over all captions, and apart for
@@ -90,9 +85,9 @@ def format_table(result: dict) -> str:
     rows.append(f"VAE PSNR: {result['vae_psnr']:.1f} dB over 64 ground-truth renders")
     if "vae_round_trip" in result:
         trip = result["vae_round_trip"]
-        groups = [f"{trip['all_right']:.1%}"] + [f"{n} shape{'s' * (n > 1)} {g['all_right']:.1%}"
+        shares = [f"{trip['all_right']:.1%}"] + [f"{n} shape{'s' * (n > 1)} {g['all_right']:.1%}"
                                                  for n, g in sorted(trip["by_shapes"].items())]
         rows.append(f"VAE round trip of the ground truths, everything right (no generator can beat it through this "
-                    f"VAE): {', '.join(groups)}")
+                    f"VAE): {', '.join(shares)}")
     rows.append(f"{result['seconds_per_image']:.2f} s per image; 'everything': every attribute the caption names right")
     return "\n".join(rows)
