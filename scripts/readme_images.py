@@ -1,4 +1,4 @@
-"""Make the README's pictures: a grid of built-in-model samples, and the four training loss curves side by side,
+"""Make the README's pictures: a grid of built-in-model samples, and the three training loss curves side by side,
 drawn from the runs' log.jsonl (needs matplotlib: the `plots` extra).
 
     python scripts/readme_images.py [RUN_DIR]      (RUN_DIR as given to scripts/train_builtin.sh)
@@ -41,8 +41,7 @@ def samples_grid(out: Path) -> None:
 
 
 def loss_curves(run: Path, out: Path) -> None:
-    titles = {"clip": "CLIP (contrastive)", "vae": "VAE (reconstruction)", "decoder": "VAE decoder alone",
-              "unet": "UNet (noise prediction)"}
+    titles = {"clip": "CLIP (contrastive)", "vae": "VAE (reconstruction)", "unet": "UNet (noise prediction)"}
     logs = {title: [json.loads(line) for line in (run / part / "log.jsonl").read_text(encoding="utf-8").splitlines()]
             for part, title in titles.items()}
     loss_figure(logs).savefig(out, dpi=100)

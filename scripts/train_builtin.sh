@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Reproduce the built-in model (sdtorch/data/builtin.safetensors) from scratch on the procedural "shapes" data:
 #   bash scripts/train_builtin.sh [RUN_DIR]          (88 minutes on a 2-core CPU, 2026-12-03; bit for bit the shipped file)
-# CLIP (contrastive), then the VAE, then its decoder alone, then the UNet on the frozen VAE with CLIP trained along (by
-# the denoising loss); the
+# CLIP (contrastive), then the VAE, then the UNet on the frozen VAE with CLIP trained along (by the denoising loss); the
 # result is exported in fp16 with its config in the header, evaluated by pixel analysis, and the README's pictures are
 # redrawn. Sizes: scripts/builtin_sizes.json.
 # A smoke run (tests/test_recipe.py) appends options to each stage, where the last of a repeated option wins:
-#   CLIP_ARGS / VAE_ARGS / DECODER_ARGS / UNET_ARGS / EVAL_ARGS="--steps 2 ...", MODEL_OUT=where the model goes,
+#   CLIP_ARGS / VAE_ARGS / UNET_ARGS / EVAL_ARGS="--steps 2 ...", MODEL_OUT=where the model goes,
 #   PICTURES=0.
 set -euo pipefail
 RUN=${1:-runs/builtin}
@@ -14,7 +13,6 @@ SIZES=scripts/builtin_sizes.json
 MODEL_OUT=${MODEL_OUT:-sdtorch/data/builtin.safetensors}
 read -r -a CLIP_ARGS <<< "${CLIP_ARGS:-}"
 read -r -a VAE_ARGS <<< "${VAE_ARGS:-}"
-read -r -a DECODER_ARGS <<< "${DECODER_ARGS:-}"
 read -r -a UNET_ARGS <<< "${UNET_ARGS:-}"
 read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
 COMMON=(--data shapes --data-size 1000000 --resolution 64 --quiet --workers 0)
@@ -29,12 +27,6 @@ sdtorch train clip "$SIZES" "${COMMON[@]}" --out "$RUN/clip" --steps 400 --batch
 sdtorch train vae "$SIZES" "${COMMON[@]}" --out "$RUN/vae" --steps 5000 --batch-size 8 --lr 1e-3 \
     --warmup-steps 50 --loss mse --latent-noise 0.1 --edge-weight 10 --eval-every 500 --sample-every 1000 \
     "${VAE_ARGS[@]}" | tee "$RUN/vae.out"
-# The decoder alone, the encoder frozen (so the latents, and the UNet stage after, are the same): the VAE's round trip
-# rounds the corners of small squares and triangles into circles, which caps every generator decoding through it
-# (two-shape scenes of 1000 captions all right after the round trip: 90.6%; after this stage 93.9%; 2000 steps: 94.1%).
-sdtorch train vae "$SIZES" "${COMMON[@]}" --init "$RUN/vae/model.safetensors" --decoder-only --out "$RUN/decoder" \
-    --steps 1000 --batch-size 8 --lr 3e-4 --warmup-steps 20 --loss mse --latent-noise 0.1 --edge-weight 10 \
-    --eval-every 500 --sample-every 1000 "${DECODER_ARGS[@]}" | tee "$RUN/decoder.out"
 # A fixed pool of 40k scenes, seen ~7 times: the frozen VAE encodes each image once (--cache-encodings), which makes
 # a step faster; the UNet needs many more samples than CLIP or the VAE.
 # The sizes file turns on unet.position_embedding: two-shape captions put each shape in its place more often.
@@ -48,7 +40,7 @@ sdtorch train vae "$SIZES" "${COMMON[@]}" --init "$RUN/vae/model.safetensors" --
 sdtorch train unet "$SIZES" "${COMMON[@]}" --data-size 40000 --cache-encodings 40000 --two-shapes 0.75 \
     --train-text-encoder --out "$RUN/unet" --steps 4500 --batch-size 64 --lr 1e-3 --warmup-steps 100 \
     --ema-decay 0.999 --caption-dropout 0.1 --min-snr-gamma 5 --eval-every 1500 --sample-every 4500 \
-    --clip "$RUN/clip/model.safetensors" --vae "$RUN/decoder/model.safetensors" --latent-noise 0.1 "${UNET_ARGS[@]}" \
+    --clip "$RUN/clip/model.safetensors" --vae "$RUN/vae/model.safetensors" --latent-noise 0.1 "${UNET_ARGS[@]}" \
     | tee "$RUN/unet.out"
 
 sdtorch convert "$RUN/unet/model.safetensors" "$MODEL_OUT" --dtype fp16
